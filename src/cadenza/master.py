@@ -1,0 +1,409 @@
+"""The master of one generation: one thread, one selector loop.
+
+Invariants:
+- Signal handlers only wake the loop (set_wakeup_fd); all work happens in the loop.
+- Every child is reaped in `_reap`, which hands the pid and its status to the owner registered
+  in `self.children` (a worker slot now, the next generation during an upgrade).
+- systemd hears READY=1 only when every worker slot holds a ready worker, and STATUS= always
+  says the generation and how many workers are ready.
+- The master never imports application code: workers are exec'd programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import workers as W
+from .config import Config
+from .listeners import Listener, unix_paths
+from .notify import Notifier, NotifyInbox
+from .timers import Timer, Timers
+
+log = logging.getLogger("cadenza.master")
+
+EXIT_OK = 0
+EXIT_START_FAILED = 75   # sysexits EX_TEMPFAIL: the workers did not become ready
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+@dataclass
+class Slot:
+    """One place for a worker: its current process and, during a rolling restart, the next one."""
+    id: int
+    worker: W.Worker | None = None
+    incoming: W.Worker | None = None
+    failures: int = 0
+    restarts: int = 0
+    respawn: Timer | None = None
+    last_death: str = ""
+
+
+class Master:
+    def __init__(self, config: Config, listeners: list[Listener], notifier: Notifier, *,
+                 generation: int = 1, release: str | None = None, bound_here: bool = True):
+        self.config = config
+        self.listeners = listeners
+        self.systemd = notifier
+        self.generation = generation
+        self.release = release or os.getcwd()
+        self.bound_here = bound_here
+        self.name = config.app.name
+        self.state = "starting"            # starting -> serving -> stopping
+        self.exit_code: int | None = None
+        self.timers = Timers()
+        self.selector = selectors.DefaultSelector()
+        self.inbox = NotifyInbox(f"{self.name}/gen{generation}")
+        self.slots: dict[int, Slot] = {}
+        self.workers: dict[int, W.Worker] = {}       # every live worker process, by pid
+        self.children: dict[int, Callable[[int], None]] = {}
+        self.rolling: list[int] = []                 # slot ids still to restart (HUP)
+        self.started = time.monotonic()
+        self._last_status = ""
+        self._kill_timer: Timer | None = None
+        self._pending_exit = EXIT_OK
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._watchdog_interval = _watchdog_interval()
+
+    # ---- loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self.selector.register(self.inbox.sock, selectors.EVENT_READ, self._on_notify)
+        log.info("generation %d starting %d worker(s) in %s on %s", self.generation,
+                 self.config.workers.count, self.release, ", ".join(l.describe() for l in self.listeners))
+        for slot_id in range(1, self.config.workers.count + 1):
+            self._add_slot(slot_id)
+        self.timers.after(self.config.workers.ready_timeout, self._start_deadline)
+        if self._watchdog_interval:
+            self.timers.after(self._watchdog_interval, self._watchdog)
+        self._publish_status()
+        while self.exit_code is None:
+            for key, _ in self.selector.select(self.timers.timeout()):
+                key.data()
+            self.timers.fire_due()
+        self._cleanup()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _wake_only)
+
+    def _on_wakeup(self) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self.SIGNAL_ACTIONS.get(signum)
+            if handler is None:
+                log.error("internal error: signal %d woke the loop but has no action", signum)
+                continue
+            handler(self)
+
+    def _on_notify(self) -> None:
+        for pid, fields in self.inbox.receive():
+            worker = self.workers.get(pid)
+            if worker is None:
+                log.debug("ignored notification from pid %d, not a worker of this generation", pid)
+                continue
+            if "STATUS" in fields:
+                worker.status = fields["STATUS"]
+            if fields.get("READY") == "1" and self.config.workers.ready.kind == "notify":
+                self._worker_ready(worker)
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    def _add_slot(self, slot_id: int) -> None:
+        slot = Slot(slot_id)
+        self.slots[slot_id] = slot
+        slot.worker = self._spawn(slot)
+
+    def _argv(self) -> list[str]:
+        w = self.config.workers
+        return list(w.command) if w.command else W.builtin_argv(w.app)
+
+    def _spawn(self, slot: Slot) -> W.Worker | None:
+        extra = {"CADENZA_GRACEFUL_TIMEOUT": str(self.config.workers.graceful_timeout)}
+        pid = W.spawn(self._argv(), worker_id=slot.id, generation=self.generation, app_name=self.name,
+                      listeners=self.listeners, notify_address=self.inbox.address, cwd=self.release,
+                      extra_env=extra)
+        worker = W.Worker(slot.id, pid, self.generation, restarts=slot.restarts)
+        self.workers[pid] = worker
+        self.children[pid] = lambda status, w=worker: self._worker_exited(w, status)
+        ready = self.config.workers.ready
+        if ready.kind == "spawn":
+            self._worker_ready(worker)
+        else:
+            if ready.kind == "uptime":
+                self.timers.after(ready.seconds, lambda: self._uptime_reached(worker))
+            self.timers.after(self.config.workers.ready_timeout, lambda: self._ready_deadline(worker))
+        log.info("worker %d started (pid %d)", slot.id, pid)
+        return worker
+
+    def _uptime_reached(self, worker: W.Worker) -> None:
+        if self.workers.get(worker.pid) is worker:
+            self._worker_ready(worker)
+
+    def _ready_deadline(self, worker: W.Worker) -> None:
+        if self.workers.get(worker.pid) is worker and worker.state == "booting":
+            worker.failure = f"not ready within {self.config.workers.ready_timeout:g}s"
+            log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
+            _kill(worker.pid, signal.SIGKILL)
+
+    def _worker_ready(self, worker: W.Worker) -> None:
+        if worker.state != "booting":
+            return
+        worker.state = "ready"
+        worker.ready_at = time.monotonic()
+        slot = self.slots.get(worker.id)
+        log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
+        if slot is not None and slot.incoming is worker:
+            self._finish_roll(slot)
+        self._check_all_ready()
+        self._publish_status()
+
+    def _worker_exited(self, worker: W.Worker, status: int) -> None:
+        del self.workers[worker.pid]
+        how = worker.failure or W.describe_status(status)
+        slot = self.slots.get(worker.id)
+        if worker.state == "stopping" or slot is None or self.state == "stopping":
+            log.info("worker %d (pid %d) %s", worker.id, worker.pid, W.describe_status(status))
+        elif slot.incoming is worker:
+            slot.incoming = None
+            log.error("replacement for worker %d %s before it was ready; rolling restart abandoned",
+                      worker.id, how)
+            self.rolling.clear()
+        elif slot.worker is worker:
+            self._respawn_later(slot, worker, how)
+        self._publish_status()
+        self._maybe_exit()
+
+    def _respawn_later(self, slot: Slot, worker: W.Worker, how: str) -> None:
+        slot.worker = None
+        stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= W.STABLE_AFTER
+        slot.failures = 0 if stable else slot.failures + 1
+        slot.restarts += 1
+        delay = W.backoff_delay(slot.failures)
+        slot.last_death = f"worker {slot.id} {how}"
+        if slot.failures:
+            slot.last_death += f", retry in {delay:.1f}s ({slot.failures} failed start(s) in a row)"
+        log.warning("worker %d (pid %d) %s; respawning in %.1fs", slot.id, worker.pid, how, delay)
+        slot.respawn = self.timers.after(delay, lambda: self._respawn(slot))
+
+    def _respawn(self, slot: Slot) -> None:
+        if self.state != "stopping" and self.slots.get(slot.id) is slot and slot.worker is None:
+            slot.worker = self._spawn(slot)
+            self._publish_status()
+
+    def _stop_worker(self, worker: W.Worker, sig: int = signal.SIGTERM) -> None:
+        worker.state = "stopping"
+        _kill(worker.pid, sig)
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.slots.values() if s.worker is not None and s.worker.state == "ready")
+
+    def _check_all_ready(self) -> None:
+        if self.state == "starting" and self.ready_count() == len(self.slots):
+            self.state = "serving"
+            log.info("generation %d serving: %d/%d workers ready after %.2fs", self.generation,
+                     len(self.slots), len(self.slots), time.monotonic() - self.started)
+            self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
+
+    def _start_deadline(self) -> None:
+        if self.state != "starting":
+            return
+        reason = (f"generation {self.generation} start failed: {self.ready_count()}/{len(self.slots)} "
+                  f"workers ready after {self.config.workers.ready_timeout:g}s")
+        deaths = [s.last_death for s in self.slots.values() if s.last_death]
+        if deaths:
+            reason += f" (last: {deaths[-1]})"
+        log.error("%s", reason)
+        self.systemd.send(status=reason)
+        self._begin_stop(signal.SIGKILL, exit_code=EXIT_START_FAILED)
+
+    # ---- signals ----------------------------------------------------------------------------
+
+    def on_term(self) -> None:
+        if self.state != "stopping":
+            log.info("graceful stop requested: draining %d worker(s), up to %gs",
+                     len(self.workers), self.config.workers.graceful_timeout)
+            self._begin_stop(signal.SIGTERM, exit_code=EXIT_OK)
+
+    def on_int(self) -> None:
+        log.info("immediate stop requested")
+        self._begin_stop(signal.SIGKILL, exit_code=EXIT_OK)
+
+    def on_hup(self) -> None:
+        if self.state != "serving" or self.rolling:
+            log.warning("rolling restart ignored: generation is %s%s", self.state,
+                        " and a rolling restart is running" if self.rolling else "")
+            return
+        self.rolling = sorted(self.slots)
+        log.info("rolling restart of %d worker(s)", len(self.rolling))
+        self._roll_next()
+
+    def on_ttin(self) -> None:
+        if self.state == "stopping":
+            return
+        slot_id = max(self.slots, default=0) + 1
+        log.info("adding worker %d", slot_id)
+        self._add_slot(slot_id)
+        self._publish_status()
+
+    def on_ttou(self) -> None:
+        if self.state == "stopping" or len(self.slots) <= 1:
+            log.warning("worker count stays at %d: it cannot go below 1", len(self.slots))
+            return
+        slot = self.slots.pop(max(self.slots))
+        log.info("removing worker %d", slot.id)
+        if slot.respawn:
+            slot.respawn.cancel()
+        for worker in (slot.worker, slot.incoming):
+            if worker is not None:
+                self._stop_worker(worker)
+        if slot.id in self.rolling:
+            self.rolling.remove(slot.id)
+        self._check_all_ready()
+        self._publish_status()
+
+    def on_usr2(self) -> None:
+        log.warning("upgrade requested, but this build has no upgrade support yet")
+
+    def on_chld(self) -> None:
+        self._reap()
+
+    SIGNAL_ACTIONS = {signal.SIGTERM: on_term, signal.SIGQUIT: on_term, signal.SIGINT: on_int,
+                      signal.SIGHUP: on_hup, signal.SIGTTIN: on_ttin, signal.SIGTTOU: on_ttou,
+                      signal.SIGUSR2: on_usr2, signal.SIGCHLD: on_chld}
+
+    # ---- rolling restart --------------------------------------------------------------------
+
+    def _roll_next(self) -> None:
+        while self.rolling:
+            slot = self.slots.get(self.rolling[0])
+            if slot is None or slot.worker is None:
+                self.rolling.pop(0)
+                continue
+            slot.incoming = self._spawn(slot)
+            return
+        log.info("rolling restart done")
+
+    def _finish_roll(self, slot: Slot) -> None:
+        old, slot.worker, slot.incoming = slot.worker, slot.incoming, None
+        if old is not None:
+            self._stop_worker(old)
+        if self.rolling and self.rolling[0] == slot.id:
+            self.rolling.pop(0)
+        self._roll_next()
+
+    # ---- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self, sig: int, exit_code: int) -> None:
+        first = self.state != "stopping"
+        self.state = "stopping"
+        self._pending_exit = exit_code if first else self._pending_exit
+        self.rolling.clear()
+        for slot in self.slots.values():
+            if slot.respawn:
+                slot.respawn.cancel()
+        for worker in list(self.workers.values()):
+            self._stop_worker(worker, sig)
+        if first:
+            self.systemd.send(stopping=1, status=f"generation {self.generation} stopping")
+            self._kill_timer = self.timers.after(self.config.workers.graceful_timeout, self._kill_stragglers)
+        self._maybe_exit()
+
+    def _kill_stragglers(self) -> None:
+        for worker in self.workers.values():
+            log.warning("worker %d (pid %d) still running after %gs; killing it", worker.id, worker.pid,
+                        self.config.workers.graceful_timeout)
+            _kill(worker.pid, signal.SIGKILL)
+
+    def _maybe_exit(self) -> None:
+        if self.state == "stopping" and not self.workers:
+            self.exit_code = self._pending_exit
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.bound_here:
+            for path in unix_paths(self.listeners):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        log.info("generation %d stopped", self.generation)
+
+    # ---- reaping ----------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            owner = self.children.pop(pid, None)
+            if owner is None:
+                log.debug("reaped pid %d, not ours to track", pid)
+            else:
+                owner(status)
+
+    # ---- what systemd and operators see -----------------------------------------------------
+
+    def status_text(self) -> str:
+        text = f"generation {self.generation} {self.state}: {self.ready_count()}/{len(self.slots)} workers ready"
+        waiting = [s.last_death for s in self.slots.values() if s.worker is None and s.last_death]
+        if waiting:
+            text += "; " + waiting[0]
+        if self.rolling:
+            text += "; rolling restart"
+        return text
+
+    def _publish_status(self) -> None:
+        text = self.status_text()
+        if text != self._last_status and self.state != "stopping":
+            self._last_status = text
+            self.systemd.send(status=text)
+
+    def _watchdog_field(self) -> dict[str, int]:
+        return {"watchdog": 1} if self._watchdog_interval else {}
+
+    def _watchdog(self) -> None:
+        # Reached only when the loop turns, so a stuck master stops pinging and systemd acts.
+        self.systemd.send(watchdog=1)
+        self.timers.after(self._watchdog_interval, self._watchdog)
+
+
+def _wake_only(signum, frame) -> None:
+    """Signals only wake the loop: set_wakeup_fd has already written the number."""
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _watchdog_interval() -> float:
+    usec = os.environ.pop("WATCHDOG_USEC", None)
+    pid = os.environ.pop("WATCHDOG_PID", None)
+    if not usec or (pid and pid != str(os.getpid())):
+        return 0.0
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return 0.0

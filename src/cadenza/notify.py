@@ -1,0 +1,112 @@
+"""The sd_notify(3) protocol, both ways.
+
+`Notifier` speaks to systemd (or to whoever set NOTIFY_SOCKET: our own master, for a worker).
+`NotifyInbox` is the datagram socket a master gives its generation as NOTIFY_SOCKET; it reads
+what workers say, with the sender's pid from SO_PASSCRED so that nobody can speak for a worker.
+
+sdnotify is not used: it encodes as latin-1 (a STATUS= with a non-latin-1 release path is lost),
+swallows every error (a lost MAINPID= must be noticed), and cannot pass fds (FDSTORE=1).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import struct
+import time
+
+_UCRED = struct.Struct("3i")
+MAX_DATAGRAM = 4096
+
+
+class Notifier:
+    """Sends state lines to NOTIFY_SOCKET; a no-op when the variable was not set."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._sock: socket.socket | None = None
+        if address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None, consume: bool = True) -> "Notifier":
+        env = os.environ if environ is None else environ
+        address = env.pop("NOTIFY_SOCKET", None) if consume else env.get("NOTIFY_SOCKET")
+        return cls(address)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, **fields: object) -> bool:
+        """send(ready=1, status="…") sends "READY=1\\nSTATUS=…"; True when delivered."""
+        if self._sock is None:
+            return False
+        text = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
+        try:
+            self._sock.sendto(text.encode("utf-8", "replace"), _sockaddr(self.address))
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _sockaddr(address: str) -> str | bytes:
+    # "@name" is a socket in the abstract namespace (sd_notify(3)).
+    if address.startswith("@"):
+        return b"\0" + address[1:].encode()
+    return address
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+class NotifyInbox:
+    """A generation's own NOTIFY_SOCKET, in the abstract namespace so nothing is left on disk."""
+
+    def __init__(self, label: str):
+        self.address = f"@cadenza/{label}/{os.getpid()}/{secrets.token_hex(4)}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind(_sockaddr(self.address))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[tuple[int, dict[str, str]]]:
+        """Everything queued now, as (sender pid, fields); datagrams without credentials are dropped."""
+        out = []
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                return out
+            pid = _sender_pid(ancdata)
+            if pid is not None:
+                out.append((pid, parse_fields(data)))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _sender_pid(ancdata) -> int | None:
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            return _UCRED.unpack_from(payload)[0]
+    return None
+
+
+def parse_fields(data: bytes) -> dict[str, str]:
+    fields = {}
+    for line in data.decode("utf-8", "replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key:
+            fields[key] = value
+    return fields

@@ -1,0 +1,123 @@
+"""Worker processes: how one is started, what the master knows of it, and the respawn backoff.
+
+Workers are exec'd programs, never forks running the master's code: the master never imports
+application code. A worker receives the listeners as fds 3..n with LISTEN_* set for its own pid
+(sd_listen_fds(3)) and its generation's NOTIFY_SOCKET, exactly as if systemd had started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .listeners import LISTEN_FDS_START, Listener
+
+# Variables of the master's own that a worker must never see (DESIGN §4).
+PRIVATE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                     "WATCHDOG_USEC", "WATCHDOG_PID", "CADENZA_HANDOFF_FD")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 10.0
+# A worker that was ready this long before it died is not "failing at start": respawn at once.
+STABLE_AFTER = 10.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Worker:
+    id: int
+    pid: int
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    state: str = "booting"          # booting -> ready -> stopping
+    ready_at: float | None = None
+    status: str = ""
+    failure: str = ""               # why the master killed it, when it did
+    restarts: int = 0
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.monotonic()) - self.started
+
+
+def backoff_delay(failures: int) -> float:
+    """0 for the first death of a stable worker, then 0.1 s doubling up to BACKOFF_CAP."""
+    if failures <= 0:
+        return 0.0
+    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP)
+
+
+def builtin_argv(app: str) -> list[str]:
+    return [sys.executable, "-m", "cadenza.appworker", app]
+
+
+def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
+          listeners: list[Listener], notify_address: str, cwd: str,
+          extra_env: dict[str, str]) -> int:
+    """fork + exec one worker; returns its pid. Exec failures show up as exit status 127."""
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
+    env.update(extra_env)
+    env.update({
+        "LISTEN_FDS": str(len(listeners)),
+        "LISTEN_FDNAMES": ":".join(listener.name for listener in listeners),
+        "NOTIFY_SOCKET": notify_address,
+        "CADENZA_WORKER_ID": str(worker_id),
+        "CADENZA_GENERATION": str(generation),
+        "CADENZA_APP_NAME": app_name,
+    })
+    fds = [listener.fd for listener in listeners]
+    master = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        _become_worker(argv, env, fds, cwd, master)
+    except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
+        os.write(2, f"cadenza: cannot start worker {worker_id} ({argv[0]}): {exc}\n".encode())
+    os._exit(127)
+
+
+def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
+                signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # A worker whose master vanished (SIGKILL, OOM) drains and exits instead of serving alone.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != master:
+        os._exit(0)
+    place_fds(fds)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir(cwd)
+    env["LISTEN_PID"] = str(os.getpid())
+    os.execvpe(argv[0], argv, env)
+
+
+def place_fds(fds: list[int]) -> None:
+    """Put `fds` at 3..n (inheritable) in a freshly forked child.
+
+    They are first copied above the target range so that a source already sitting at 3..n (fds
+    adopted from systemd are exactly there) is never overwritten before it is copied.
+    """
+    import fcntl
+    floor = LISTEN_FDS_START + len(fds)
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
+    for i, fd in enumerate(high):
+        os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
+        os.close(fd)
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() else f"killed by signal {sig}"
+    code = os.waitstatus_to_exitcode(status)
+    return "exited with status 127 (could not be executed)" if code == 127 else f"exited with status {code}"

@@ -1,0 +1,78 @@
+"""Shared pytest wiring: the `systemd` fixture, a real systemd 252 in namespaces (tests/sdns.py).
+
+Any test that uses it (directly or through another fixture) carries the `systemd` marker.  CI
+must not pass with those tests skipped, so the number of skipped ones is written to
+$CADENZA_SYSTEMD_SKIPS_FILE for the CI job to check.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# sdns.py lives beside this file; with --import-mode=importlib pytest would not put this
+# directory on sys.path, and the harness must import the same way in every mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sdns  # noqa: E402
+
+SKIPS_ENV = "CADENZA_SYSTEMD_SKIPS_FILE"
+_systemd_nodeids = pytest.StashKey[set]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "systemd: boots a real systemd in throw-away namespaces (tests/sdns.py)")
+    config.stash[_systemd_nodeids] = set()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every systemd fixture depends on _sdns_session, so the fixture closure finds them all.
+    for item in items:
+        if "_sdns_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.systemd)
+        if item.get_closest_marker("systemd") is not None:
+            config.stash[_systemd_nodeids].add(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    # Node ids, not report keywords: a directory or module named "systemd" is a keyword too.
+    marked = config.stash.get(_systemd_nodeids, set())
+    skipped = sum(1 for r in terminalreporter.stats.get("skipped", ())
+                  if getattr(r, "nodeid", None) in marked)
+    if skipped:
+        terminalreporter.write_line(f"{skipped} systemd test(s) SKIPPED", yellow=True)
+    path = os.environ.get(SKIPS_ENV)
+    if path:
+        Path(path).write_text(f"{skipped}\n")
+
+
+@pytest.fixture(scope="session")
+def _sdns_session() -> None:
+    ok, reason = sdns.available()
+    if not ok:
+        pytest.skip(f"no real systemd for tests: {reason}")
+    # Once per session: empty sdns-* cgroups left by sessions that were SIGKILLed.
+    sdns.janitor()
+
+
+@pytest.fixture
+def systemd(_sdns_session):
+    """A booted private systemd 252 sharing the host's network namespace."""
+    with sdns.SystemdNS(net="host") as ns:
+        yield ns
+
+
+@pytest.fixture
+def systemd_factory(_sdns_session):
+    """For tests that need other options or control the boot themselves."""
+    made: list[sdns.SystemdNS] = []
+
+    def make(**kw) -> sdns.SystemdNS:
+        made.append(sdns.SystemdNS(**kw))
+        return made[-1]
+
+    yield make
+    for ns in made:
+        ns.stop()  # idempotent: a no-op for those already left by their `with`

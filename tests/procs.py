@@ -1,0 +1,137 @@
+"""Running a real cadenza master outside systemd, and listening to what it tells NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+CADENZA = str(VENV_BIN / "cadenza")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str = "/", timeout: float = 10.0, host: str = "127.0.0.1") -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+class Master:
+    """`cadenza run ...` as a child of the test, with the test playing systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, tmp: Path, *args: str, cwd: Path | None = None, env: dict | None = None):
+        self.tmp = tmp
+        self.notify_path = str(tmp / f"notify-{time.monotonic_ns()}.sock")
+        self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inbox.bind(self.notify_path)
+        self.messages: list[dict[str, str]] = []
+        self.cursor = 0
+        self.log_path = tmp / f"master-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "JOURNAL_"))}
+        full_env.update(env or {})
+        full_env["NOTIFY_SOCKET"] = self.notify_path
+        self.proc = subprocess.Popen([CADENZA, "run", *args], cwd=cwd or tmp, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> dict[str, str]:
+        """Block on the notify socket until a message not yet matched satisfies `predicate`.
+
+        Messages are consumed in order: a later wait_for only sees what came after this match.
+        """
+        deadline = time.monotonic() + timeout
+        while self.cursor < len(self.messages):
+            msg = self.messages[self.cursor]
+            self.cursor += 1
+            if predicate(msg):
+                return msg
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching notification in {timeout}s; got {self.messages[-5:]}\n"
+                                     f"log:\n{self.log()}")
+            self.inbox.settimeout(remaining)
+            try:
+                data = self.inbox.recv(65536)
+            except TimeoutError:
+                continue
+            msg = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            self.messages.append(msg)
+            self.cursor = len(self.messages)
+            if predicate(msg):
+                return msg
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, str]:
+        return self.wait_for(lambda m: m.get("READY") == "1", timeout)
+
+    def wait_status(self, text: str, timeout: float = 15.0) -> dict[str, str]:
+        return self.wait_for(lambda m: text in m.get("STATUS", ""), timeout)
+
+    def workers(self) -> list[int]:
+        return children(self.pid)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        """For events only the log shows (a worker beginning its drain)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.inbox.close()
+        self._log.close()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
