@@ -1,9 +1,8 @@
-"""A real systemd 252 as PID 1 of throw-away namespaces ("sdns"), for tests.
+"""A real systemd 252 as PID 1 of throw-away namespaces ("sdns"), for tests; stdlib only.
 
-Implements /work/shared/docs/systemd-in-namespace.md.  The machine is shared and the host's
-PID 1 is not systemd, so every guarantee of that recipe matters: the namespace sees a
-read-only root, tmpfs over everything systemd writes, a private /dev, read-only /proc/sys and
-sysfs, and a cgroup namespace rooted at a dedicated `sdns-<id>` cgroup2 directory.  Stdlib only.
+Implements /work/shared/docs/systemd-in-namespace.md.  The machine is shared, so the namespace
+gets a read-only root, tmpfs over everything systemd writes, a private /dev, read-only
+/proc/sys and sysfs, and a cgroup namespace rooted at a dedicated `sdns-<id>` cgroup2 dir.
 """
 from __future__ import annotations
 
@@ -72,9 +71,7 @@ mount -n -o remount,bind,rw "$STATE"
 # 3. Our own /proc; /proc/sys read-only, or PID 1 bumps the host's fs.file-max and fs.nr_open.
 mount -n -t proc -o nosuid,nodev,noexec proc /proc
 for p in /proc/sys /proc/sysrq-trigger; do
-  [ -e "$p" ] || continue
-  mount -n --bind "$p" "$p"
-  mount -n -o remount,bind,ro "$p"
+  if [ -e "$p" ]; then mount -n --bind "$p" "$p"; mount -n -o remount,bind,ro "$p"; fi
 done
 # 4. Read-only sysfs; with the host netns the kernel refuses a new one ("already mounted").
 umount -n -l /sys/fs/cgroup
@@ -210,14 +207,19 @@ def _rmtree_cgroup(top: Path, timeout: float = 5.0) -> None:
 
 def _rmtree_vanishing(path: Path) -> None:
     """rmtree that tolerates only paths vanishing under it; anything else is a real failure."""
-    def vanished(func, p, exc) -> None:
-        exc = exc if isinstance(exc, BaseException) else exc[1]
-        if not isinstance(exc, FileNotFoundError):
-            raise exc
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=vanished)
-    else:
-        shutil.rmtree(path, onerror=vanished)
+    def vanished(*_) -> None:  # called inside rmtree's `except OSError`
+        if not isinstance(sys.exc_info()[1], FileNotFoundError):
+            raise
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": vanished})
+
+
+def _reap(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for a child of ours; SIGKILL it (by its pid) if it does not exit in time."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _child_setup(procs: str, parent: int) -> None:
@@ -242,13 +244,13 @@ class SystemdNS:
         self.boot_timeout, self.extra_tmpfs = boot_timeout, tuple(extra_tmpfs)
         # The owner pid in the name tells the janitor whose cgroup it is.
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.state: Path | None = None
+        self.state: Path | None = None  # host path; the same path inside, and /run/sdns
         self.cgroup: Path | None = None
-        self.pid1: int | None = None
+        self.pid1: int | None = None  # host pid of the namespace's systemd
         self.boot_seconds: float | None = None
         self._pid1fd: int | None = None
         self._unshare: subprocess.Popen | None = None
-        self._cat: subprocess.Popen | None = None
+        self._cat: subprocess.Popen | None = None  # copies the console pty to console.log
         self._popens: list[subprocess.Popen] = []
 
     def __enter__(self) -> "SystemdNS":
@@ -349,14 +351,17 @@ class SystemdNS:
 
     # --- teardown --------------------------------------------------------------------------
     def stop(self) -> None:
-        self._kill_namespace()
-        self._stop_console()
-        if self.cgroup is not None:
-            _rmtree_cgroup(self.cgroup)
-            self.cgroup = None
-        if self.state is not None:
-            _rmtree_vanishing(self.state)
-            self.state = None
+        """Idempotent; safe after a failed or partial start."""
+        try:
+            self._kill_namespace()
+            self._stop_console()
+            if self.cgroup is not None:
+                _rmtree_cgroup(self.cgroup)
+                self.cgroup = None
+        finally:
+            if self.state is not None:
+                _rmtree_vanishing(self.state)
+                self.state = None
 
     def _kill_namespace(self) -> None:
         if self._pid1fd is not None:
@@ -369,22 +374,15 @@ class SystemdNS:
         elif self._unshare is not None and self._unshare.poll() is None:
             self._unshare.kill()  # no pid1 yet: unshare's PDEATHSIG on its child does it
         if self._unshare is not None:
-            self._unshare.wait()
-        for p in self._popens:  # nsenter'd children died with the pid namespace
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+            _reap(self._unshare, timeout=10)
+        for p in self._popens:  # their children inside died with the pid namespace
+            _reap(p, timeout=5)
         self._popens.clear()
 
     def _stop_console(self) -> None:
-        if self._cat is None:
-            return
-        try:  # cat exits on EIO once the last slave is closed; waiting keeps the full log
-            self._cat.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self._cat.kill()
-            self._cat.wait()
-        self._cat = None
+        if self._cat is not None:  # cat exits on EIO once the last slave is closed; waiting
+            _reap(self._cat, timeout=2)  # for that keeps the whole log
+            self._cat = None
 
     # --- driving ---------------------------------------------------------------------------
     def _nsenter(self, cwd: str | os.PathLike | None) -> list[str]:
