@@ -5,4 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 export CADENZA_REQUIRE_SYSTEMD=1
-exec .venv/bin/python -m pytest "$@"
+skips=$(mktemp)
+trap 'rm -f "$skips"' EXIT
+export CADENZA_SYSTEMD_SKIPS_FILE="$skips"
+.venv/bin/python -m pytest "$@"
+if [ "$(cat "$skips")" != "0" ]; then
+    echo "FAILED: $(cat "$skips") real-systemd test(s) were skipped; they must run" >&2
+    exit 1
+fi

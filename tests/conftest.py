@@ -18,13 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdns  # noqa: E402
 
 SKIPS_ENV = "CADENZA_SYSTEMD_SKIPS_FILE"
-_systemd_nodeids = pytest.StashKey[set]()
+# Carried by every report of a systemd test.  A report property rather than a keyword (a
+# directory named "systemd" is a keyword too) or a node-id set (pytest-xdist's controller
+# never collects, but it does receive the reports' user_properties).
+SYSTEMD_PROPERTY = ("sdns", "systemd")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "systemd: boots a real systemd in throw-away namespaces (tests/sdns.py)")
-    config.stash[_systemd_nodeids] = set()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,14 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "_sdns_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.systemd)
         if item.get_closest_marker("systemd") is not None:
-            config.stash[_systemd_nodeids].add(item.nodeid)
+            item.user_properties.append(SYSTEMD_PROPERTY)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    # Node ids, not report keywords: a directory or module named "systemd" is a keyword too.
-    marked = config.stash.get(_systemd_nodeids, set())
-    skipped = sum(1 for r in terminalreporter.stats.get("skipped", ())
-                  if getattr(r, "nodeid", None) in marked)
+    skipped = sum(1 for r in terminalreporter.stats.get("skipped", ())  # xdist sends lists
+                  if any(tuple(p) == SYSTEMD_PROPERTY for p in getattr(r, "user_properties", ())))
     if skipped:
         terminalreporter.write_line(f"{skipped} systemd test(s) SKIPPED", yellow=True)
     path = os.environ.get(SKIPS_ENV)
@@ -52,6 +52,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def _sdns_session() -> None:
     ok, reason = sdns.available()
     if not ok:
+        if os.environ.get("CADENZA_REQUIRE_SYSTEMD") == "1":
+            pytest.fail(f"CADENZA_REQUIRE_SYSTEMD=1 but no real systemd for tests: {reason}")
         pytest.skip(f"no real systemd for tests: {reason}")
     # Once per session: empty sdns-* cgroups left by sessions that were SIGKILLed.
     sdns.janitor()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import selectors
+import select
 import secrets
 import shutil
 import signal
@@ -36,7 +36,7 @@ DROPPED_CAPS = ("sys_module", "sys_time", "audit_write", "audit_control", "audit
 # With the host's network namespace these would let the namespace reconfigure the host's network.
 HOST_NET_CAPS = ("net_admin", "net_raw")
 PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None)
 
 # Runs as PID 1 of the new namespaces; argv: STATE CONSOLE LOG_LEVEL.  Every mount uses -n so
 # nothing is written to the host's /run/mount/utab.
@@ -248,6 +248,7 @@ class SystemdNS:
         self.cgroup: Path | None = None
         self.pid1: int | None = None  # host pid of the namespace's systemd
         self.boot_seconds: float | None = None
+        self.last_console = ""  # the console log, kept by stop() when it removes the state dir
         self._pid1fd: int | None = None
         self._unshare: subprocess.Popen | None = None
         self._cat: subprocess.Popen | None = None  # copies the console pty to console.log
@@ -271,12 +272,9 @@ class SystemdNS:
                 self._await_ready(nfy)
             # Closed after READY=1; systemd's later "Connection refused" on it is harmless.
         except BaseException as e:
-            self._kill_namespace()
-            self._stop_console()
-            log = self.console_log()
             self.stop()
             if isinstance(e, BootError):
-                raise BootError(f"{e}\n--- console ---\n{log}") from None
+                raise BootError(f"{e}\n--- console ---\n{self.last_console}") from None
             raise
         self.boot_seconds = time.monotonic() - t0
 
@@ -285,10 +283,8 @@ class SystemdNS:
         self.state.chmod(0o755)  # so a User=nobody service can reach files under it
         (self.state / "units").mkdir()
         for name, body in base_units(self.dbus).items():
-            if isinstance(body, Path):
-                (self.state / "units" / name).symlink_to(body)
-            else:
-                (self.state / "units" / name).write_text(body)
+            dest = self.state / "units" / name
+            dest.symlink_to(body) if isinstance(body, Path) else dest.write_text(body)
         (self.state / "inner.sh").write_text(INNER_SH)
         self.cgroup = cgroup2_base() / f"sdns-{self.id}"
         self.cgroup.mkdir()
@@ -326,21 +322,14 @@ class SystemdNS:
         pidfd = os.pidfd_open(self._unshare.pid)
         deadline = time.monotonic() + self.boot_timeout
         try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(nfy, selectors.EVENT_READ, "notify")
-                sel.register(pidfd, selectors.EVENT_READ, "exit")
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise BootError(f"sdns: no READY=1 from systemd within "
-                                        f"{self.boot_timeout}s")
-                    for key, _ in sel.select(left):
-                        if key.data == "exit":
-                            raise BootError(f"sdns: the namespace exited during boot with "
-                                            f"status {self._unshare.wait()}")
-                        if b"READY=1" in nfy.recv(4096).split(b"\n"):
-                            self._adopt_pid1()
-                            return
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([nfy, pidfd], [], [], left)
+                if pidfd in ready:
+                    raise BootError("sdns: the namespace exited during boot with status "
+                                    f"{self._unshare.wait()}")
+                if nfy in ready and b"READY=1" in nfy.recv(4096).split(b"\n"):
+                    return self._adopt_pid1()
+            raise BootError(f"sdns: no READY=1 from systemd within {self.boot_timeout}s")
         finally:
             os.close(pidfd)
 
@@ -360,6 +349,7 @@ class SystemdNS:
                 self.cgroup = None
         finally:
             if self.state is not None:
+                self.last_console = self.console_log()
                 _rmtree_vanishing(self.state)
                 self.state = None
 
