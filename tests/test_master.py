@@ -216,7 +216,7 @@ def test_command_worker_gets_listeners_and_its_own_environment(start, tmp_path):
         env = info["env"]
         assert env["LISTEN_PID"] == str(info["pid"])
         assert env["LISTEN_FDS"] == "2"
-        assert env["LISTEN_FDNAMES"] == f"127.0.0.1:{port}:unix:{unix}"
+        assert env["LISTEN_FDNAMES"] == "listen-1:listen-2"
         assert env["CADENZA_WORKER_ID"] == str(i)
         assert env["NOTIFY_SOCKET"].startswith("@cadenza/") and env["NOTIFY_SOCKET"] != m.notify_path
         assert "WATCHDOG_USEC" not in env

@@ -35,7 +35,8 @@ from .notify import Notifier
 
 log = logging.getLogger("cadenza.worker")
 
-IDLE_GRACE = 1.0   # seconds an idle keep-alive connection is kept open once draining starts
+IDLE_GRACE = 1.0     # seconds an idle keep-alive connection is kept open once draining starts
+PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once draining starts
 EXIT_APP_ERROR = 3
 
 
@@ -67,15 +68,20 @@ class DrainingH11Protocol(H11Protocol):
         else:
             self.loop.call_later(IDLE_GRACE, self._close_if_idle)
 
-    def _close_if_idle(self) -> None:
+    def _close_if_idle(self, waited: float = 0.0) -> None:
         if self.transport.is_closing():
             return
-        busy = (self.cycle is not None and not self.cycle.response_complete) \
-            or self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0]
-        if busy:
-            self.loop.call_later(IDLE_GRACE, self._close_if_idle)
+        in_flight = self.cycle is not None and not self.cycle.response_complete
+        arriving = self.conn.their_state is not h11.IDLE or bool(self.conn.trailing_data[0])
+        # A request in flight is never cut (uvicorn's graceful timeout bounds it); a request
+        # still arriving gets PARTIAL_GRACE to complete.
+        if in_flight or (arriving and waited < PARTIAL_GRACE):
+            self.loop.call_later(IDLE_GRACE, self._close_if_idle, waited + IDLE_GRACE)
             return
-        self.conn.send(h11.ConnectionClosed())
+        try:
+            self.conn.send(h11.ConnectionClosed())
+        except h11.LocalProtocolError:
+            pass   # h11 refuses to say "closed" mid-message; closing the transport is what counts
         self.transport.close()
 
 

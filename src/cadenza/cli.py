@@ -18,9 +18,12 @@ import setproctitle
 
 from . import __version__, logs
 from . import config as C
+from .control import ControlError, bind_socket
 from .listeners import ListenerError, adopt_from_env, bind, parse_address
 from .master import Master
 from .notify import Notifier
+from .pinning import PinError, pin
+from .succession import CONTROL_FDNAME, Heir
 
 EX_USAGE, EX_CONFIG, EX_OSERR, EX_SOFTWARE = 64, 78, 71, 70
 log = logging.getLogger("cadenza")
@@ -39,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="host:port, [v6]:port or unix:/path[;mode=0660]; repeat for more (overrides [listen])")
     run.add_argument("--workers", type=int, metavar="N", help="number of workers (overrides workers.count)")
     run.add_argument("--app", metavar="MOD:OBJ", help="WSGI or ASGI application for the built-in worker")
+    pin = sub.add_parser("pin", help="write ROOT/shared/bin/{cadenza,supervisorctl}, the pinned launchers",
+                         description="Write the pinned launchers every generation is started from. They "
+                                     "find the release at exec time: ROOT/current/.venv when it exists, "
+                                     "else the shared venv's Python.")
+    pin.add_argument("--root", required=True, metavar="DIR", help="the app's root (holds current/, shared/)")
+    pin.add_argument("--python", metavar="PATH", help="a shared venv's python (default: this one, unless "
+                                                      "it lives in a release)")
+    pin.add_argument("--socket", metavar="PATH", help="control socket for the pinned supervisorctl "
+                                                      "(default: from ROOT/current/cadenza.toml)")
+    pin.add_argument("--unit", metavar="NAME", help="systemd unit for the pinned supervisorctl (default: app.name)")
     check = sub.add_parser("check", help="validate the config and the app; exit 1 with every problem")
     _config_arg(check)
     return parser
@@ -66,6 +79,7 @@ def load_config(args, command: list[str] | None = None) -> C.Config:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    raw_argv = list(argv)
     command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -74,10 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     if command and args.command != "run":
         print("cadenza: a worker command after -- is only for `cadenza run`", file=sys.stderr)
         return EX_USAGE
-    return {"run": cmd_run, "check": cmd_check}[args.command](args, command)
+    if args.command == "run":
+        return cmd_run(args, command, raw_argv)
+    if args.command == "pin":
+        return cmd_pin(args)
+    return cmd_check(args, command)
 
 
-def cmd_run(args, command: list[str]) -> int:
+def cmd_pin(args) -> int:
+    try:
+        for path in pin(Path(args.root), args.python, args.socket, args.unit):
+            print(f"wrote {path}")
+    except PinError as exc:
+        print(f"cadenza pin: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return 0
+
+
+def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
     logs.setup("master")
     try:
         cfg = load_config(args, command)
@@ -87,23 +115,43 @@ def cmd_run(args, command: list[str]) -> int:
     release = resolve_release(cfg)
     if release is None:
         return EX_CONFIG
+    heir = Heir.from_environ()
+    # What an earlier generation bound itself, and so the last generation to stop removes.
+    owned = set(os.environ.pop("CADENZA_OWNS", "").split(","))
     try:
         listeners = adopt_from_env()
-        bound_here = not listeners
-        if bound_here:
-            listeners = [bind(parse_address(text)) for text in cfg.listen.addresses]
+        control = _take_control(listeners)
+        bound_here = not listeners or "listeners" in owned
+        if not listeners:
+            listeners = [bind(parse_address(text), f"listen-{i}") for i, text in enumerate(cfg.listen.addresses, 1)]
     except ListenerError as exc:
         log.error("%s", exc)
         return EX_OSERR
+    control_owned = control is None or "control" in owned
+    if control is None:
+        try:
+            control = bind_socket(cfg.control_socket)
+        except (ControlError, OSError) as exc:
+            log.warning("no control socket, supervisorctl cannot reach this master: %s", exc)
     notifier = Notifier.from_environ()
     generation = int(os.environ.pop("CADENZA_GENERATION", "1") or 1)
     setproctitle.setproctitle(f"cadenza master gen {generation} [{cfg.app.name}]")
-    master = Master(cfg, listeners, notifier, generation=generation, release=release, bound_here=bound_here)
+    master = Master(cfg, listeners, notifier, generation=generation, release=release, bound_here=bound_here,
+                    heir=heir, argv=raw_argv, control=control, control_owned=control_owned)
     try:
         return master.run()
     except Exception:
         log.exception("internal error in the master; please report it with this traceback")
         return EX_SOFTWARE
+
+
+def _take_control(listeners):
+    """The control socket arrives with the listeners, named cadenza-control, from master N."""
+    for listener in listeners:
+        if listener.name == CONTROL_FDNAME:
+            listeners.remove(listener)
+            return listener.sock
+    return None
 
 
 def resolve_release(cfg: C.Config) -> str | None:

@@ -91,7 +91,8 @@ def parse_address(text: str) -> Address:
     return Address(family, host=host, port=int(port))
 
 
-def bind(address: Address) -> Listener:
+def bind(address: Address, name: str) -> Listener:
+    """Listen on `address`. `name` goes into LISTEN_FDNAMES, so it must not contain ":"."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         if address.family == socket.AF_UNIX:
@@ -107,7 +108,7 @@ def bind(address: Address) -> Listener:
         raise ListenerError(f"cannot listen on {address}: {exc.strerror or exc}"
                             f"{_bind_hint(exc)}") from exc
     sock.set_inheritable(False)
-    return Listener(sock, str(address))
+    return Listener(sock, name)
 
 
 def _bind_unix(sock: socket.socket, address: Address) -> None:

@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import control
 from . import workers as W
 from .config import Config
 from .listeners import Listener, unix_paths
-from .notify import Notifier, NotifyInbox
+from .notify import Notifier, NotifyInbox, monotonic_usec
+from .succession import Heir, Outcome, Succession, UpgradeRefused, preflight
 from .timers import Timer, Timers
 
 log = logging.getLogger("cadenza.master")
@@ -48,7 +50,9 @@ class Slot:
 
 class Master:
     def __init__(self, config: Config, listeners: list[Listener], notifier: Notifier, *,
-                 generation: int = 1, release: str | None = None, bound_here: bool = True):
+                 generation: int = 1, release: str | None = None, bound_here: bool = True,
+                 heir: Heir | None = None, argv: list[str] | None = None,
+                 control: socket.socket | None = None, control_owned: bool = True):
         self.config = config
         self.listeners = listeners
         self.systemd = notifier
@@ -56,7 +60,18 @@ class Master:
         self.release = release or os.getcwd()
         self.bound_here = bound_here
         self.name = config.app.name
-        self.state = "starting"            # starting -> serving -> stopping
+        self.state = "starting"            # starting -> serving -> leaving (handed over) | stopping
+        self.heir = heir                   # our channel to the predecessor, until we are main
+        self.argv = argv or ["run"]        # how the next generation is started from exec_path
+        self.control_sock = control
+        self.control_owned = control_owned
+        self.succession: Succession | None = None
+        self.last_upgrade: Outcome | None = None
+        self._successor_pid = 0            # an upgrade aborted by a stop: wait for it to drain
+        self.control: control.ControlServer | None = None
+        self._waits: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+        if heir is not None:
+            notifier.muted = True
         self.exit_code: int | None = None
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
@@ -70,7 +85,8 @@ class Master:
         self._kill_timer: Timer | None = None
         self._pending_exit = EXIT_OK
         self._wake_r, self._wake_w = socket.socketpair()
-        self._watchdog_interval = _watchdog_interval()
+        self.watchdog_usec = _watchdog_usec()
+        self._watchdog_interval = self.watchdog_usec / 2e6
 
     # ---- loop -------------------------------------------------------------------------------
 
@@ -78,11 +94,17 @@ class Master:
         self._install_signals()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.inbox.sock, selectors.EVENT_READ, self._on_notify)
+        if self.control_sock is not None:
+            c = self.config.control
+            self.control = control.ControlServer(self, self.control_sock,
+                                                 control.Access(c.allow_users, c.allow_groups, c.status_groups))
         log.info("generation %d starting %d worker(s) in %s on %s", self.generation,
                  self.config.workers.count, self.release, ", ".join(l.describe() for l in self.listeners))
         for slot_id in range(1, self.config.workers.count + 1):
             self._add_slot(slot_id)
         self.timers.after(self.config.workers.ready_timeout, self._start_deadline)
+        if self.heir is not None:
+            self.selector.register(self.heir.chan, selectors.EVENT_READ, self._on_heir_channel)
         if self._watchdog_interval:
             self.timers.after(self._watchdog_interval, self._watchdog)
         self._publish_status()
@@ -90,6 +112,7 @@ class Master:
             for key, _ in self.selector.select(self.timers.timeout()):
                 key.data()
             self.timers.fire_due()
+        self._check_waits()
         self._cleanup()
         return self.exit_code
 
@@ -138,7 +161,7 @@ class Master:
         extra = {"CADENZA_GRACEFUL_TIMEOUT": str(self.config.workers.graceful_timeout)}
         pid = W.spawn(self._argv(), worker_id=slot.id, generation=self.generation, app_name=self.name,
                       listeners=self.listeners, notify_address=self.inbox.address, cwd=self.release,
-                      extra_env=extra)
+                      extra_env=extra, output_fd=self.heir.log_fd if self.heir is not None else None)
         worker = W.Worker(slot.id, pid, self.generation, restarts=slot.restarts)
         self.workers[pid] = worker
         self.children[pid] = lambda status, w=worker: self._worker_exited(w, status)
@@ -171,12 +194,16 @@ class Master:
         log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
         if slot is not None and slot.incoming is worker:
             self._finish_roll(slot)
+        if self.state == "starting" and self.heir is not None:
+            self.heir.say(f"progress workers ready {self.ready_count()}/{len(self.slots)}")
         self._check_all_ready()
         self._publish_status()
 
     def _worker_exited(self, worker: W.Worker, status: int) -> None:
         del self.workers[worker.pid]
         how = worker.failure or W.describe_status(status)
+        if worker.state == "booting" and worker.status:
+            how += f" ({worker.status})"
         slot = self.slots.get(worker.id)
         if worker.state == "stopping" or slot is None or self.state == "stopping":
             log.info("worker %d (pid %d) %s", worker.id, worker.pid, W.describe_status(status))
@@ -219,7 +246,10 @@ class Master:
             self.state = "serving"
             log.info("generation %d serving: %d/%d workers ready after %.2fs", self.generation,
                      len(self.slots), len(self.slots), time.monotonic() - self.started)
-            self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
+            if self.heir is not None and not self.heir.main:
+                self.heir.ready()     # master N now tells systemd MAINPID=us, then says "main"
+            else:
+                self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
 
     def _start_deadline(self) -> None:
         if self.state != "starting":
@@ -231,12 +261,16 @@ class Master:
             reason += f" (last: {deaths[-1]})"
         log.error("%s", reason)
         self.systemd.send(status=reason)
+        if self.heir is not None:
+            self.heir.say(f"failed {reason}")
         self._begin_stop(signal.SIGKILL, exit_code=EXIT_START_FAILED)
 
     # ---- signals ----------------------------------------------------------------------------
 
     def on_term(self) -> None:
-        if self.state != "stopping":
+        if self.state == "leaving":
+            log.info("stop requested while leaving: still draining")
+        elif self.state != "stopping":
             log.info("graceful stop requested: draining %d worker(s), up to %gs",
                      len(self.workers), self.config.workers.graceful_timeout)
             self._begin_stop(signal.SIGTERM, exit_code=EXIT_OK)
@@ -279,7 +313,7 @@ class Master:
         self._publish_status()
 
     def on_usr2(self) -> None:
-        log.warning("upgrade requested, but this build has no upgrade support yet")
+        self.request_upgrade("SIGUSR2")
 
     def on_chld(self) -> None:
         self._reap()
@@ -287,6 +321,176 @@ class Master:
     SIGNAL_ACTIONS = {signal.SIGTERM: on_term, signal.SIGQUIT: on_term, signal.SIGINT: on_int,
                       signal.SIGHUP: on_hup, signal.SIGTTIN: on_ttin, signal.SIGTTOU: on_ttou,
                       signal.SIGUSR2: on_usr2, signal.SIGCHLD: on_chld}
+
+    # ---- upgrades ---------------------------------------------------------------------------
+
+    def request_upgrade(self, source: str, watcher=None) -> Succession | None:
+        """Start an upgrade, or join the one running; None (and `watcher` told why) if refused."""
+        if self.succession is not None:
+            log.info("upgrade requested by %s: joining the upgrade to generation %d already running",
+                     source, self.succession.generation)
+            if watcher:
+                self.succession.watchers.append(watcher)
+            return self.succession
+        try:
+            if self.state != "serving" or (self.heir is not None and not self.heir.main):
+                raise UpgradeRefused(f"generation {self.generation} is {self.state}"
+                                     f"{'' if self.heir is None or self.heir.main else ' and not main yet'}; "
+                                     "only a serving generation can start the next one")
+            plan = preflight(self.config, self.argv)
+        except UpgradeRefused as exc:
+            log.error("upgrade requested by %s refused: %s", source, exc)
+            self.last_upgrade = Outcome(False, self.generation + 1, f"refused: {exc}",
+                                        started=time.monotonic(), finished=time.monotonic())
+            if watcher:
+                watcher({"event": "refused", "text": f"upgrade refused: {exc}", "generation": self.generation + 1})
+            return None
+        nxt = self.generation + 1
+        log.info("upgrade requested by %s: pre-flight passed, starting generation %d", source, nxt)
+        self.systemd.send(reloading=1, monotonic_usec=monotonic_usec(), status=f"upgrading to generation {nxt}")
+        self.succession = Succession(self, plan, nxt, self.config.upgrade.timeout)
+        if watcher:
+            self.succession.watchers.append(watcher)
+        self.succession.emit("preflight", f"pre-flight passed: {plan.exec_path} in {plan.directory} "
+                                          f"-> {plan.release}")
+        self.succession.start(self.listeners, self.control_sock, self.argv)
+        return self.succession
+
+    def succession_done(self, outcome: Outcome) -> None:
+        self.last_upgrade = outcome
+        self.succession = None
+        if self.state == "stopping":
+            self._successor_pid = outcome.pid
+            self._maybe_exit()
+            return
+        if not outcome.ok:
+            status = f"upgrade to generation {outcome.generation} failed: {outcome.reason.splitlines()[0]}"
+            self._last_status = status
+            self.systemd.send(ready=1, status=status)
+            return
+        log.info("handed over to generation %d (pid %d); draining %d worker(s)", outcome.generation,
+                 outcome.pid, len(self.workers))
+        self.systemd.muted = True      # not main any more: systemd would refuse what we said
+        self.state = "leaving"
+        self._drain(signal.SIGTERM)
+
+    def _on_heir_channel(self) -> None:
+        what = self.heir.read()
+        if what == "main":
+            self.selector.unregister(self.heir.chan)
+            self.systemd.muted = False
+            log.info("generation %d is main", self.generation)
+            self.last_upgrade = Outcome(True, self.generation, "became main", os.getpid(), [],
+                                        self.started, time.monotonic())
+            self._last_status = ""
+            self._publish_status()
+            if self._watchdog_interval:
+                self.systemd.send(watchdog=1)
+        elif what == "closed":
+            self.selector.unregister(self.heir.chan)
+            if not self.heir.main:
+                log.error("the previous generation went away before making generation %d main; stopping",
+                          self.generation)
+                self._begin_stop(signal.SIGTERM, exit_code=1)
+
+    # ---- control commands (control.py decided who may ask) ----------------------------------
+
+    def wait_until(self, predicate: Callable[[], bool], then: Callable[[], None]) -> None:
+        self._waits.append((predicate, then))
+        self._check_waits()
+
+    def _check_waits(self) -> None:
+        done = [w for w in self._waits if w[0]()]
+        self._waits = [w for w in self._waits if w not in done]
+        for _, then in done:
+            then()
+
+    def control_command(self, client, cmd: str, request: dict) -> None:
+        getattr(self, f"_cmd_{cmd}")(client, request)
+
+    def _cmd_status(self, client, request: dict) -> None:
+        client.finish(control.OK, status=self.describe())
+
+    def _cmd_upgrade(self, client, request: dict) -> None:
+        no_wait = bool(request.get("no_wait"))
+
+        def watch(event: dict) -> None:
+            client.send(event)
+            kind = event["event"]
+            if kind in ("failed", "refused"):
+                client.finish(control.FAILED, event["text"], output=event.get("output", []))
+            elif kind == "started" and no_wait:
+                client.finish(control.OK, "upgrade started; not waiting (--no-wait)")
+            elif kind == "mainpid":
+                self.wait_until(lambda: self.exit_code is not None, lambda: client.finish(
+                    control.OK, f"generation {event['generation']} serves; generation {self.generation} drained"))
+        self.request_upgrade(f"supervisorctl ({client.describe()})", watch)
+
+    def _cmd_restart(self, client, request: dict) -> None:
+        if self.state != "serving" or self.rolling:
+            client.finish(control.FAILED, f"cannot restart: generation {self.generation} is {self.state}"
+                                          f"{' and a rolling restart is running' if self.rolling else ''}")
+            return
+        before = {s.id: s.worker.pid for s in self.slots.values() if s.worker}
+        self.on_hup()
+        client.send({"event": "progress", "text": f"rolling restart of {len(before)} worker(s)"})
+
+        def report() -> None:
+            replaced = sum(1 for sid, pid in before.items()
+                           if sid in self.slots and self.slots[sid].worker and self.slots[sid].worker.pid != pid)
+            code = control.OK if replaced == len(before) else control.FAILED
+            client.finish(code, f"{replaced}/{len(before)} worker(s) replaced")
+        self.wait_until(lambda: not self.rolling or self.state != "serving", report)
+
+    def _cmd_scale(self, client, request: dict) -> None:
+        value = str(request.get("count", ""))
+        current = len(self.slots)
+        try:
+            target = current + int(value) if value[:1] in "+-" and value[:1] else int(value)
+        except ValueError:
+            client.finish(control.USAGE, f"scale needs N, +N or -N, got {value!r}")
+            return
+        if not 1 <= target <= 1024:
+            client.finish(control.USAGE, f"worker count must be from 1 to 1024, got {target}")
+            return
+        if self.state != "serving":
+            client.finish(control.FAILED, f"cannot scale: generation {self.generation} is {self.state}")
+            return
+        while len(self.slots) < target:
+            self.on_ttin()
+        while len(self.slots) > target:
+            self.on_ttou()
+        client.send({"event": "progress", "text": f"scaling from {current} to {target} worker(s)"})
+        self.wait_until(lambda: self.state != "serving" or (
+                            self.ready_count() == len(self.slots) and len(self.workers) == len(self.slots)),
+                        lambda: client.finish(control.OK if self.ready_count() == target else control.FAILED,
+                                              f"{self.ready_count()}/{target} workers ready"))
+
+    def _cmd_stop(self, client, request: dict) -> None:
+        client.send({"event": "progress", "text": f"stopping generation {self.generation}"})
+        self.on_term()
+        self.wait_until(lambda: self.exit_code is not None,
+                        lambda: client.finish(control.OK, f"generation {self.generation} stopped"))
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        info = {
+            "app": self.name, "generation": self.generation, "pid": os.getpid(), "state": self.state,
+            "main": self.heir is None or self.heir.main, "release": self.release,
+            "release_exists": os.path.isdir(self.release), "age": round(now - self.started, 1),
+            "workers": [{"id": w.id, "pid": w.pid, "state": w.state, "age": round(w.age(now), 1),
+                         "restarts": w.restarts, "status": w.status}
+                        for w in sorted(self.workers.values(), key=lambda w: (w.id, w.started))],
+            "target_workers": len(self.slots),
+            "listeners": [listener.describe() for listener in self.listeners],
+            "last_upgrade": self.last_upgrade.as_dict() if self.last_upgrade else None,
+            "upgrading": None,
+        }
+        if self.succession is not None:
+            info["upgrading"] = {"generation": self.succession.generation, "pid": self.succession.pid,
+                                 "state": self.succession.state, "release": self.succession.plan.release,
+                                 "progress": self.succession.progress}
+        return info
 
     # ---- rolling restart --------------------------------------------------------------------
 
@@ -312,16 +516,22 @@ class Master:
 
     def _begin_stop(self, sig: int, exit_code: int) -> None:
         first = self.state != "stopping"
+        if first:
+            self._pending_exit = exit_code
+            self.systemd.send(stopping=1, status=f"generation {self.generation} stopping")
+        if self.succession is not None:
+            self.succession.abort(sig)
         self.state = "stopping"
-        self._pending_exit = exit_code if first else self._pending_exit
+        self._drain(sig)
+
+    def _drain(self, sig: int) -> None:
         self.rolling.clear()
         for slot in self.slots.values():
             if slot.respawn:
                 slot.respawn.cancel()
         for worker in list(self.workers.values()):
             self._stop_worker(worker, sig)
-        if first:
-            self.systemd.send(stopping=1, status=f"generation {self.generation} stopping")
+        if self._kill_timer is None:
             self._kill_timer = self.timers.after(self.config.workers.graceful_timeout, self._kill_stragglers)
         self._maybe_exit()
 
@@ -330,14 +540,24 @@ class Master:
             log.warning("worker %d (pid %d) still running after %gs; killing it", worker.id, worker.pid,
                         self.config.workers.graceful_timeout)
             _kill(worker.pid, signal.SIGKILL)
+        if self._successor_pid in self.children:
+            _kill(self._successor_pid, signal.SIGKILL)
 
     def _maybe_exit(self) -> None:
-        if self.state == "stopping" and not self.workers:
-            self.exit_code = self._pending_exit
+        if self.state not in ("stopping", "leaving") or self.workers:
+            return
+        if self.state == "stopping" and self._successor_pid in self.children:
+            return   # an aborted next generation is still draining
+        self.exit_code = self._pending_exit
+        self._check_waits()
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
-        if self.bound_here:
+        if self.control is not None:
+            self.control.close()
+            if self.state == "stopping" and self.control_owned:
+                _unlink(self.control_sock.getsockname())
+        if self.bound_here and self.state == "stopping":
             for path in unix_paths(self.listeners):
                 try:
                     os.unlink(path)
@@ -373,8 +593,9 @@ class Master:
         return text
 
     def _publish_status(self) -> None:
+        self._check_waits()
         text = self.status_text()
-        if text != self._last_status and self.state != "stopping":
+        if text != self._last_status and self.state in ("starting", "serving"):
             self._last_status = text
             self.systemd.send(status=text)
 
@@ -383,8 +604,16 @@ class Master:
 
     def _watchdog(self) -> None:
         # Reached only when the loop turns, so a stuck master stops pinging and systemd acts.
+        # A muted notifier (not main yet, or handed over) sends nothing: the duty moves with MAINPID.
         self.systemd.send(watchdog=1)
         self.timers.after(self._watchdog_interval, self._watchdog)
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _wake_only(signum, frame) -> None:
@@ -398,12 +627,12 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _watchdog_interval() -> float:
+def _watchdog_usec() -> int:
     usec = os.environ.pop("WATCHDOG_USEC", None)
     pid = os.environ.pop("WATCHDOG_PID", None)
     if not usec or (pid and pid != str(os.getpid())):
-        return 0.0
+        return 0
     try:
-        return int(usec) / 2e6
+        return max(int(usec), 0)
     except ValueError:
-        return 0.0
+        return 0

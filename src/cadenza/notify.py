@@ -10,6 +10,7 @@ swallows every error (a lost MAINPID= must be noticed), and cannot pass fds (FDS
 
 from __future__ import annotations
 
+import array
 import os
 import secrets
 import socket
@@ -25,6 +26,9 @@ class Notifier:
 
     def __init__(self, address: str | None):
         self.address = address
+        # A new master stays muted until its predecessor made it main: under NotifyAccess=main
+        # systemd would refuse (and log) everything it said before that.
+        self.muted = False
         self._sock: socket.socket | None = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -41,7 +45,7 @@ class Notifier:
 
     def send(self, **fields: object) -> bool:
         """send(ready=1, status="…") sends "READY=1\\nSTATUS=…"; True when delivered."""
-        if self._sock is None:
+        if self._sock is None or self.muted:
             return False
         text = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
         try:
@@ -49,6 +53,22 @@ class Notifier:
         except OSError:
             return False
         return True
+
+    def barrier(self) -> int | None:
+        """sd_notify_barrier(3) without blocking: returns an fd that reaches EOF once systemd has
+        processed everything sent before; None when it cannot be sent."""
+        if self._sock is None or self.muted:
+            return None
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self._sock.sendmsg([b"BARRIER=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))],
+                               0, _sockaddr(self.address))
+        except OSError:
+            os.close(r)
+            return None
+        finally:
+            os.close(w)
+        return r
 
     def close(self) -> None:
         if self._sock is not None:

@@ -57,7 +57,7 @@ def builtin_argv(app: str) -> list[str]:
 
 def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
           listeners: list[Listener], notify_address: str, cwd: str,
-          extra_env: dict[str, str]) -> int:
+          extra_env: dict[str, str], output_fd: int | None = None) -> int:
     """fork + exec one worker; returns its pid. Exec failures show up as exit status 127."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
     env.update(extra_env)
@@ -75,13 +75,14 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
     if pid:
         return pid
     try:
-        _become_worker(argv, env, fds, cwd, master)
+        _become_worker(argv, env, fds, cwd, master, output_fd)
     except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
         os.write(2, f"cadenza: cannot start worker {worker_id} ({argv[0]}): {exc}\n".encode())
     os._exit(127)
 
 
-def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int) -> None:
+def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int,
+                   output_fd: int | None) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
                 signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
@@ -96,6 +97,9 @@ def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: st
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    if output_fd is not None:
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
     os.chdir(cwd)
     env["LISTEN_PID"] = str(os.getpid())
     os.execvpe(argv[0], argv, env)

@@ -1,0 +1,119 @@
+"""Pinned launchers: ROOT/shared/bin/cadenza and ROOT/shared/bin/supervisorctl.
+
+Every generation is exec'd from the pinned path, never from the release it runs, because
+deploy tools prune releases: unicorn and gunicorn re-exec `releases/OLD/bin/...` and die with
+ENOENT. A launcher finds the release at exec time, through the `current` symlink:
+- a venv per release: ROOT/current/.venv/bin/cadenza when it exists;
+- otherwise a shared venv: the Python given to `cadenza pin --python` (or the one running it).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from . import config as C
+
+
+class PinError(Exception):
+    pass
+
+
+def unsafe_reason(path: Path, service_uid: int) -> str | None:
+    """Why someone other than root or the service user could replace `path`; None when nobody can."""
+    trusted = {0, service_uid}
+    current = Path(os.path.abspath(path))
+    for part in [current, *current.parents]:
+        st = os.stat(part)
+        if st.st_uid not in trusted:
+            return f"{part} is owned by uid {st.st_uid}, not root or the service user; chown root {part}"
+        # A root-owned sticky directory (/tmp) lets nobody rename another user's entries.
+        sticky_root = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0
+        if st.st_mode & 0o022 and not sticky_root:
+            who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[st.st_mode & 0o022]
+            return f"{part} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w {part}"
+    return None
+
+
+def _launcher(root: Path, program: str, fallback: list[str] | None, extra: list[str]) -> str:
+    q = shlex.quote
+    args = " ".join(q(a) for a in extra)
+    args = f"{args} " if args else ""
+    lines = [
+        "#!/bin/sh",
+        f"# Written by `cadenza pin --root {root}`; rewrite it with the same command.",
+        "# It finds the release at exec time, so pruning old releases never breaks an upgrade.",
+        f"root={q(str(root))}",
+        f'if [ -x "$root/current/.venv/bin/{program}" ]; then',
+        f'    exec "$root/current/.venv/bin/{program}" {args}"$@"',
+        "fi",
+    ]
+    if fallback:
+        lines.append(f'exec {" ".join(q(a) for a in fallback)} {args}"$@"')
+    else:
+        lines.append(f'echo "$0: no $root/current/.venv/bin/{program}: deploy a release with its venv, '
+                     f'or pin a shared venv with cadenza pin --python" >&2')
+        lines.append("exit 127")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def shared_python(root: Path, python: str | None) -> str | None:
+    """The shared venv's Python, or None when the running one lives inside a release."""
+    candidate = os.path.abspath(python or sys.executable)
+    if python and not os.access(candidate, os.X_OK):
+        raise PinError(f"--python {python} is not an executable file")
+    inside = os.path.realpath(candidate)
+    for part in ("releases", "current"):
+        if python is None and (candidate.startswith(f"{root}/{part}/") or
+                               inside.startswith(os.path.realpath(root / part) + "/")):
+            return None   # would be pruned with its release: only current/.venv is used
+    return candidate
+
+
+def pin(root: Path, python: str | None = None, socket: str | None = None, unit: str | None = None) -> list[Path]:
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise PinError(f"--root {root} is not a directory; create it (it holds current/, releases/, shared/)")
+    cfg_path = root / "current" / "cadenza.toml"
+    cfg = C.defaults()
+    if socket is None and cfg_path.is_file():
+        try:
+            cfg = C.load(cfg_path)
+        except C.ConfigError as exc:
+            raise PinError(f"cannot read the control socket from {cfg_path}:\n{exc}") from None
+    bindir = root / "shared" / "bin"
+    bindir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    reason = unsafe_reason(bindir, os.geteuid())
+    if reason:
+        raise PinError(f"refusing to pin into {bindir}: {reason}")
+    py = shared_python(root, python)
+    ctl_args = ["-s", socket or str(cfg.control_socket), "-u", unit or cfg.app.name]
+    written = []
+    for program, module, extra in (("cadenza", "cadenza", []),
+                                   ("supervisorctl", "cadenza.supervisorctl", ctl_args)):
+        fallback = [py, "-m", module] if py else None
+        path = bindir / program
+        _write_atomically(path, _launcher(root, program, fallback, extra))
+        written.append(path)
+    return written
