@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import control
+from . import commands, control
 from . import workers as W
 from .config import Config
 from .listeners import Listener, unix_paths
@@ -393,9 +393,10 @@ class Master:
                           self.generation)
                 self._begin_stop(signal.SIGTERM, exit_code=1)
 
-    # ---- control commands (control.py decided who may ask) ----------------------------------
+    # ---- control commands (control.py decided who may ask; commands.py says what they do) --
 
     def wait_until(self, predicate: Callable[[], bool], then: Callable[[], None]) -> None:
+        """Run `then` once `predicate` holds; checked after every change of state."""
         self._waits.append((predicate, then))
         self._check_waits()
 
@@ -406,91 +407,7 @@ class Master:
             then()
 
     def control_command(self, client, cmd: str, request: dict) -> None:
-        getattr(self, f"_cmd_{cmd}")(client, request)
-
-    def _cmd_status(self, client, request: dict) -> None:
-        client.finish(control.OK, status=self.describe())
-
-    def _cmd_upgrade(self, client, request: dict) -> None:
-        no_wait = bool(request.get("no_wait"))
-
-        def watch(event: dict) -> None:
-            client.send(event)
-            kind = event["event"]
-            if kind in ("failed", "refused"):
-                client.finish(control.FAILED, event["text"], output=event.get("output", []))
-            elif kind == "started" and no_wait:
-                client.finish(control.OK, "upgrade started; not waiting (--no-wait)")
-            elif kind == "mainpid":
-                self.wait_until(lambda: self.exit_code is not None, lambda: client.finish(
-                    control.OK, f"generation {event['generation']} serves; generation {self.generation} drained"))
-        self.request_upgrade(f"supervisorctl ({client.describe()})", watch)
-
-    def _cmd_restart(self, client, request: dict) -> None:
-        if self.state != "serving" or self.rolling:
-            client.finish(control.FAILED, f"cannot restart: generation {self.generation} is {self.state}"
-                                          f"{' and a rolling restart is running' if self.rolling else ''}")
-            return
-        before = {s.id: s.worker.pid for s in self.slots.values() if s.worker}
-        self.on_hup()
-        client.send({"event": "progress", "text": f"rolling restart of {len(before)} worker(s)"})
-
-        def report() -> None:
-            replaced = sum(1 for sid, pid in before.items()
-                           if sid in self.slots and self.slots[sid].worker and self.slots[sid].worker.pid != pid)
-            code = control.OK if replaced == len(before) else control.FAILED
-            client.finish(code, f"{replaced}/{len(before)} worker(s) replaced")
-        self.wait_until(lambda: not self.rolling or self.state != "serving", report)
-
-    def _cmd_scale(self, client, request: dict) -> None:
-        value = str(request.get("count", ""))
-        current = len(self.slots)
-        try:
-            target = current + int(value) if value[:1] in "+-" and value[:1] else int(value)
-        except ValueError:
-            client.finish(control.USAGE, f"scale needs N, +N or -N, got {value!r}")
-            return
-        if not 1 <= target <= 1024:
-            client.finish(control.USAGE, f"worker count must be from 1 to 1024, got {target}")
-            return
-        if self.state != "serving":
-            client.finish(control.FAILED, f"cannot scale: generation {self.generation} is {self.state}")
-            return
-        while len(self.slots) < target:
-            self.on_ttin()
-        while len(self.slots) > target:
-            self.on_ttou()
-        client.send({"event": "progress", "text": f"scaling from {current} to {target} worker(s)"})
-        self.wait_until(lambda: self.state != "serving" or (
-                            self.ready_count() == len(self.slots) and len(self.workers) == len(self.slots)),
-                        lambda: client.finish(control.OK if self.ready_count() == target else control.FAILED,
-                                              f"{self.ready_count()}/{target} workers ready"))
-
-    def _cmd_stop(self, client, request: dict) -> None:
-        client.send({"event": "progress", "text": f"stopping generation {self.generation}"})
-        self.on_term()
-        self.wait_until(lambda: self.exit_code is not None,
-                        lambda: client.finish(control.OK, f"generation {self.generation} stopped"))
-
-    def describe(self) -> dict:
-        now = time.monotonic()
-        info = {
-            "app": self.name, "generation": self.generation, "pid": os.getpid(), "state": self.state,
-            "main": self.heir is None or self.heir.main, "release": self.release,
-            "release_exists": os.path.isdir(self.release), "age": round(now - self.started, 1),
-            "workers": [{"id": w.id, "pid": w.pid, "state": w.state, "age": round(w.age(now), 1),
-                         "restarts": w.restarts, "status": w.status}
-                        for w in sorted(self.workers.values(), key=lambda w: (w.id, w.started))],
-            "target_workers": len(self.slots),
-            "listeners": [listener.describe() for listener in self.listeners],
-            "last_upgrade": self.last_upgrade.as_dict() if self.last_upgrade else None,
-            "upgrading": None,
-        }
-        if self.succession is not None:
-            info["upgrading"] = {"generation": self.succession.generation, "pid": self.succession.pid,
-                                 "state": self.succession.state, "release": self.succession.plan.release,
-                                 "progress": self.succession.progress}
-        return info
+        commands.run(self, client, cmd, request)
 
     # ---- rolling restart --------------------------------------------------------------------
 
