@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class Master:
         self.inbox.bind(self.notify_path)
         self.messages: list[dict[str, str]] = []
         self.cursor = 0
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._read_notifications, daemon=True).start()
         self.log_path = tmp / f"master-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "JOURNAL_"))}
@@ -50,32 +53,36 @@ class Master:
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
 
+    def _read_notifications(self) -> None:
+        # Reads like systemd does, as they come: a BARRIER=1 fd is closed on receipt.
+        while True:
+            try:
+                data = self.inbox.recv(65536)
+            except OSError:
+                return
+            msg = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            with self._arrived:
+                self.messages.append(msg)
+                self._arrived.notify_all()
+
     def wait_for(self, predicate, timeout: float = 15.0) -> dict[str, str]:
-        """Block on the notify socket until a message not yet matched satisfies `predicate`.
+        """Block until a message not yet matched satisfies `predicate`.
 
         Messages are consumed in order: a later wait_for only sees what came after this match.
         """
         deadline = time.monotonic() + timeout
-        while self.cursor < len(self.messages):
-            msg = self.messages[self.cursor]
-            self.cursor += 1
-            if predicate(msg):
-                return msg
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching notification in {timeout}s; got {self.messages[-5:]}\n"
-                                     f"log:\n{self.log()}")
-            self.inbox.settimeout(remaining)
-            try:
-                data = self.inbox.recv(65536)
-            except TimeoutError:
-                continue
-            msg = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            self.messages.append(msg)
-            self.cursor = len(self.messages)
-            if predicate(msg):
-                return msg
+        with self._arrived:
+            while True:
+                while self.cursor < len(self.messages):
+                    msg = self.messages[self.cursor]
+                    self.cursor += 1
+                    if predicate(msg):
+                        return msg
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching notification in {timeout}s; got {self.messages[-5:]}\n"
+                                         f"log:\n{self.log()}")
+                self._arrived.wait(remaining)
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, str]:
         return self.wait_for(lambda m: m.get("READY") == "1", timeout)
@@ -108,6 +115,7 @@ class Master:
         if self.proc.poll() is None:
             os.killpg(self.pid, signal.SIGKILL)
             self.proc.wait()
+        self.inbox.shutdown(socket.SHUT_RDWR) if False else None
         self.inbox.close()
         self._log.close()
 

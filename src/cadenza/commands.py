@@ -54,7 +54,10 @@ def restart(master, client, request: dict) -> None:
                        and master.slots[sid].worker.pid != pid)
         code = control.OK if replaced == len(before) else control.FAILED
         client.finish(code, f"{replaced}/{len(before)} worker(s) replaced")
-    master.wait_until(lambda: not master.rolling or master.state != "serving", report)
+    old = set(before.values())
+    # Done when the rolling restart is over and the old workers have finished draining.
+    master.wait_until(lambda: master.state != "serving" or (not master.rolling and not old & set(master.workers)),
+                      report)
 
 
 def scale(master, client, request: dict) -> None:

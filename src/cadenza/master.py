@@ -32,6 +32,7 @@ log = logging.getLogger("cadenza.master")
 
 EXIT_OK = 0
 EXIT_START_FAILED = 75   # sysexits EX_TEMPFAIL: the workers did not become ready
+HEIR_MAX_FAILURES = 5    # failed worker starts in a row that end an upgrade early
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
@@ -227,6 +228,11 @@ class Master:
         if slot.failures:
             slot.last_death += f", retry in {delay:.1f}s ({slot.failures} failed start(s) in a row)"
         log.warning("worker %d (pid %d) %s; respawning in %.1fs", slot.id, worker.pid, how, delay)
+        if self.heir is not None and self.state == "starting" and slot.failures >= HEIR_MAX_FAILURES:
+            # A new release whose workers crash at every start fails its upgrade now, not after
+            # upgrade.timeout: the old generation is still serving and the operator is waiting.
+            self._give_up(f"worker {slot.id} {how}; {slot.failures} failed starts in a row")
+            return
         slot.respawn = self.timers.after(delay, lambda: self._respawn(slot))
 
     def _respawn(self, slot: Slot) -> None:
@@ -254,11 +260,15 @@ class Master:
     def _start_deadline(self) -> None:
         if self.state != "starting":
             return
-        reason = (f"generation {self.generation} start failed: {self.ready_count()}/{len(self.slots)} "
-                  f"workers ready after {self.config.workers.ready_timeout:g}s")
+        reason = (f"{self.ready_count()}/{len(self.slots)} workers ready after "
+                  f"{self.config.workers.ready_timeout:g}s")
         deaths = [s.last_death for s in self.slots.values() if s.last_death]
         if deaths:
             reason += f" (last: {deaths[-1]})"
+        self._give_up(reason)
+
+    def _give_up(self, why: str) -> None:
+        reason = f"generation {self.generation} start failed: {why}"
         log.error("%s", reason)
         self.systemd.send(status=reason)
         if self.heir is not None:
@@ -470,11 +480,14 @@ class Master:
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
+        # Socket paths go with the last generation only: never with one that hands over, nor
+        # with a new one that failed before it was main (the old one still serves on them).
+        last = self.state == "stopping" and (self.heir is None or self.heir.main)
         if self.control is not None:
             self.control.close()
-            if self.state == "stopping" and self.control_owned:
+            if last and self.control_owned:
                 _unlink(self.control_sock.getsockname())
-        if self.bound_here and self.state == "stopping":
+        if self.bound_here and last:
             for path in unix_paths(self.listeners):
                 try:
                     os.unlink(path)

@@ -38,6 +38,7 @@ log = logging.getLogger("cadenza.succession")
 
 CONTROL_FDNAME = "cadenza-control"
 OUTPUT_TAIL = 20
+BARRIER_TIMEOUT = 2.0
 
 
 class UpgradeRefused(Exception):
@@ -239,9 +240,9 @@ class Succession:
     def _on_exit(self, status: int) -> None:
         from .workers import describe_status
         how = describe_status(status)
-        if self.state in ("starting", "handing-over"):
+        if self.state in ("starting", "handing-over", "mainpid-sent"):
             self._drain_output()
-            self._fail(f"generation {self.generation} (pid {self.pid}) {how} before it was ready")
+            self._fail(f"generation {self.generation} (pid {self.pid}) {how} before it was main")
         else:
             log.warning("generation %d (pid %d) %s", self.generation, self.pid, how)
 
@@ -262,22 +263,29 @@ class Succession:
         if not sent:
             self._fail("could not send MAINPID= to systemd (NOTIFY_SOCKET refused it)")
             return
+        # MAINPID= is out: from here on there is no rollback, only the hand-over.
+        self.state = "mainpid-sent"
         # BARRIER=1 (sd_notify_barrier(3)): systemd closes the fd once it has processed MAINPID=.
+        # Bounded: a systemd that is slow to read must not stall the hand-over forever.
         self._barrier_r = self.host.systemd.barrier()
         if self._barrier_r is None:
             self._tell_main()
             return
         self.host.selector.register(self._barrier_r, 1, self._on_barrier)
+        self.host.timers.after(BARRIER_TIMEOUT, self._on_barrier)
 
     def _on_barrier(self) -> None:
-        self.host.selector.unregister(self._barrier_r)
-        os.close(self._barrier_r)
-        self._barrier_r = None
-        if self.state == "handing-over":
+        if self._barrier_r is not None:
+            self.host.selector.unregister(self._barrier_r)
+            os.close(self._barrier_r)
+            self._barrier_r = None
+        if self.state == "mainpid-sent":
             self._tell_main()
 
     def _tell_main(self) -> None:
         try:
+            if self._chan is None:
+                raise OSError("the hand-off channel is closed")
             self._chan.sendall(b"main\n")
         except OSError as exc:
             self._fail(f"could not tell generation {self.generation} it is main: {exc}")

@@ -124,8 +124,10 @@ def run(args) -> int:
             if args.unit:
                 status["unit"] = unit_state(args.unit)
             print(json.dumps(status, indent=2) if args.json else format_status(status))
+        elif event.get("text") and not event["ok"]:
+            print(event["text"], file=sys.stderr)
         elif event.get("text") and event["text"] != last:
-            print(event["text"], file=sys.stdout if event["ok"] else sys.stderr)
+            print(event["text"])
         for line in event.get("output") or []:
             print(f"  | {line}", file=sys.stderr)
         return int(event.get("code", FAILED))

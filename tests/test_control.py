@@ -1,0 +1,261 @@
+"""The control socket and supervisorctl against a real master (outside systemd), shared-venv layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from procs import VENV_BIN, Master, alive, free_port, get
+
+SUPERVISORCTL = str(VENV_BIN / "supervisorctl")
+
+
+class Root:
+    """ROOT/releases/<tag> with cadenza.toml, ROOT/current, ROOT/shared/bin pinned to this venv."""
+
+    def __init__(self, base: Path, port: int, socket_dir: Path):
+        self.path = base / "app"
+        self.port = port
+        self.socket = socket_dir / "control.sock"
+        (self.path / "releases").mkdir(parents=True)
+        os.chmod(base, 0o755)
+
+    def release(self, tag: str, extra: str = "", app: str = "cadenza.demo:app") -> Path:
+        rel = self.path / "releases" / tag
+        rel.mkdir()
+        (rel / "cadenza.toml").write_text(
+            f'[app]\nname = "ctl"\nroot = "{self.path}"\n[listen]\naddresses = ["127.0.0.1:{self.port}"]\n'
+            f'[workers]\ncount = 2\napp = "{app}"\nready_timeout = 10\ngraceful_timeout = 5\n'
+            f'[upgrade]\ntimeout = 10\n[control]\nsocket = "{self.socket}"\n{extra}')
+        return rel
+
+    def switch(self, tag: str) -> None:
+        tmp = self.path / "current.tmp"
+        tmp.symlink_to(f"releases/{tag}")
+        os.replace(tmp, self.path / "current")
+
+    def pin(self) -> None:
+        subprocess.run([str(VENV_BIN / "cadenza"), "pin", "--root", str(self.path),
+                        "--python", sys.executable], check=True, capture_output=True)
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = [str(self.path / "shared/bin/supervisorctl"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def ctl_as_nobody(*args: str) -> tuple[int, str]:
+    """supervisorctl's main() in a child that became nobody: no exec, so no path it cannot read."""
+    nobody = pwd.getpwnam("nobody")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            sys.stderr = os.fdopen(w, "w")
+            from cadenza.supervisorctl import main
+            code = main(list(args))
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001 - the child must always end here
+            code = 99
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+@pytest.fixture
+def app(tmp_path):
+    # The control socket lives where another user can reach it, so that SO_PEERCRED decides.
+    socket_dir = Path(tempfile.mkdtemp(prefix="cadenza-ctl-", dir="/var/tmp"))
+    os.chmod(socket_dir, 0o755)
+    root = Root(tmp_path, free_port(), socket_dir)
+    root.release("r1")
+    root.switch("r1")
+    root.pin()
+    m = Master(tmp_path, cwd=root.path / "current")
+    m.wait_ready()
+    # The master was started with no arguments: it must find ./cadenza.toml through `current`.
+    yield root, m
+    m.close()
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def status(root: Root) -> dict:
+    proc = root.ctl("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_status_describes_generation_workers_and_release(app):
+    root, m = app
+    st = status(root)
+    assert st["generation"] == 1 and st["pid"] == m.pid and st["state"] == "serving" and st["main"]
+    assert st["release"] == str(root.path / "releases/r1") and st["release_exists"]
+    assert [w["state"] for w in st["workers"]] == ["ready", "ready"]
+    assert st["listeners"] == [f"127.0.0.1:{root.port}"]
+    assert stat.S_IMODE(root.socket.stat().st_mode) == 0o660
+    text = root.ctl("status").stdout
+    assert "generation 1 serving" in text and "2/2 ready" in text
+
+
+def test_upgrade_streams_progress_and_survives_pruning(app):
+    root, m = app
+    for n, tag in enumerate(["r2", "r3", "r4"], start=2):
+        root.release(tag)
+        root.switch(tag)
+        proc = root.ctl("upgrade")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for text in ("pre-flight passed", f"generation {n} started (pid", f"workers ready 2/2",
+                     f"MAINPID handed over to generation {n}", f"generation {n - 1} drained"):
+            assert text in proc.stdout, proc.stdout
+        old = root.path / "releases" / f"r{n - 1}"
+        subprocess.run(["rm", "-rf", str(old)], check=True)   # pruned, as a deploy tool would
+        assert f"release {root.path}/releases/{tag}" in get(root.port)[1]
+    st = status(root)
+    assert st["generation"] == 4 and st["release"].endswith("/r4")
+    assert not alive(m.pid)   # generation 1 drained and exited
+
+
+def test_failed_upgrade_exits_1_with_reason_and_output_and_old_keeps_serving(app):
+    root, m = app
+    rel = root.release("bad", app="nosuchmodule:app")
+    root.switch("bad")
+    proc = root.ctl("upgrade")
+    assert proc.returncode == 1
+    assert "upgrade to generation 2 failed" in proc.stderr
+    assert "nosuchmodule" in proc.stderr        # the new generation's own words, relayed
+    assert status(root)["pid"] == m.pid
+    assert "release " + str(root.path / "releases/r1") in get(root.port)[1]
+    assert status(root)["last_upgrade"]["ok"] is False
+    assert rel.exists()
+
+
+def test_upgrade_refused_when_pinned_path_is_unsafe(app):
+    root, m = app
+    root.release("r2")
+    root.switch("r2")
+    pinned = root.path / "shared/bin/cadenza"
+    os.chmod(pinned, 0o757)
+    proc = root.ctl("upgrade")
+    assert proc.returncode == 1
+    assert f"pinned path {pinned} is unsafe" in proc.stdout + proc.stderr
+    assert "writable by others" in proc.stdout + proc.stderr
+    os.unlink(pinned)
+    proc = root.ctl("upgrade")
+    assert proc.returncode == 1 and "No such file or directory" in proc.stdout + proc.stderr
+    assert len([p for p in m.workers()]) == 2 and status(root)["generation"] == 1
+
+
+def test_restart_scale_stop_wait_and_report(app):
+    root, m = app
+    before = {w["pid"] for w in status(root)["workers"]}
+    proc = root.ctl("restart")
+    assert proc.returncode == 0 and "2/2 worker(s) replaced" in proc.stdout
+    assert not before & {w["pid"] for w in status(root)["workers"]}
+    proc = root.ctl("scale", "+2")
+    assert proc.returncode == 0 and "4/4 workers ready" in proc.stdout
+    proc = root.ctl("scale", "1")
+    assert proc.returncode == 0 and "1/1 workers ready" in proc.stdout
+    assert len(status(root)["workers"]) == 1
+    assert root.ctl("scale", "zero").returncode == 2
+    proc = root.ctl("stop")
+    assert proc.returncode == 0 and "generation 1 stopped" in proc.stdout
+    assert m.wait_exit() == 0
+    assert not root.socket.exists()
+    assert root.ctl("status").returncode == 3
+
+
+def test_other_users_are_denied_and_logged(app):
+    root, m = app
+    code, err = ctl_as_nobody("-s", str(root.socket), "status")
+    assert code == 4 and "permission denied" in err     # mode 0660 keeps nobody out
+    os.chmod(root.socket, 0o666)   # past the file mode, SO_PEERCRED still decides
+    code, err = ctl_as_nobody("-s", str(root.socket), "upgrade")
+    assert code == 4 and "permission denied: uid 65534 may not upgrade" in err, err
+    m.wait_log("upgrade denied to uid 65534")
+    assert status(root)["generation"] == 1
+
+
+def raw(root: Root, data: bytes, read: bool = True) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(root.socket))
+        s.settimeout(10)
+        try:
+            s.sendall(data)
+        except BrokenPipeError:
+            pass   # the master answered and hung up before taking all of it: what we test
+        if not read:
+            return b""
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"not json\n", "malformed request"),
+    (b'["status"]\n', "malformed request"),
+    (b'{"cmd": "reboot"}\n', "unknown command 'reboot'"),
+])
+def test_bad_requests_get_an_error(app, data, expected):
+    root, _ = app
+    answer = json.loads(raw(root, data))
+    assert answer["done"] and answer["code"] == 2 and expected in answer["text"]
+    assert status(root)["state"] == "serving"
+
+
+def test_oversized_silent_and_many_clients_cost_nothing(app):
+    root, m = app
+    try:
+        answer = json.loads(raw(root, b"x" * (10 << 20)))
+        assert answer["code"] == 2 and "longer than" in answer["text"]
+    except ConnectionResetError:
+        pass   # dropped: the master hung up with our bytes unread, which resets the connection
+    silent = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+    for s in silent:
+        s.connect(str(root.socket))
+    crowd = []
+    for _ in range(100):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(root.socket))
+        crowd.append(s)
+    for s in crowd:
+        s.close()
+    assert get(root.port)[0] == 200
+    assert status(root)["state"] == "serving"
+    silent[0].settimeout(10)
+    assert b"no request within" in silent[0].recv(4096)   # dropped after its timeout
+    for s in silent:
+        s.close()
+    root.release("r2")
+    root.switch("r2")
+    assert root.ctl("upgrade").returncode == 0
+
+
+def test_ten_usr2_make_one_generation(app):
+    root, m = app
+    root.release("r2")
+    root.switch("r2")
+    for _ in range(10):
+        os.kill(m.pid, signal.SIGUSR2)
+    m.wait_for(lambda x: x.get("MAINPID"))
+    assert m.wait_exit() == 0
+    st = status(root)
+    assert st["generation"] == 2
+    assert "joining the upgrade" in m.log() or m.log().count("upgrade requested by SIGUSR2") == 1
+    assert m.log().count("starting generation") == 1
