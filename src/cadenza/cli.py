@@ -16,7 +16,7 @@ from pathlib import Path
 
 import setproctitle
 
-from . import __version__, logs
+from . import __version__, logs, unitfiles
 from . import config as C
 from .control import ControlError, bind_socket
 from .listeners import ListenerError, adopt_from_env, bind, parse_address
@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     pin.add_argument("--socket", metavar="PATH", help="control socket for the pinned supervisorctl "
                                                       "(default: from ROOT/current/cadenza.toml)")
     pin.add_argument("--unit", metavar="NAME", help="systemd unit for the pinned supervisorctl (default: app.name)")
+    units = sub.add_parser("units", help="render APP.service and APP.socket from the unit templates",
+                           description="Render APP.service and APP.socket from units/cadenza@.service and "
+                                       "units/cadenza@.socket, for `systemctl reload APP`.")
+    units.add_argument("--name", required=True, metavar="APP", help="unit name (APP.service, APP.socket)")
+    units.add_argument("--root", required=True, metavar="DIR", help="the app's root (holds current/, shared/)")
+    units.add_argument("--listen", action="append", metavar="ADDR",
+                       help="host:port, [v6]:port or unix:/path[;mode=0660]; repeat for more")
+    units.add_argument("--user", metavar="USER", help="run the service as this user")
+    units.add_argument("-o", "--output", default=".", metavar="OUTDIR",
+                       help="where to write the units (default: here; /etc/systemd/system to install)")
     check = sub.add_parser("check", help="validate the config and the app; exit 1 with every problem")
     _config_arg(check)
     return parser
@@ -92,7 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, command, raw_argv)
     if args.command == "pin":
         return cmd_pin(args)
+    if args.command == "units":
+        return cmd_units(args)
     return cmd_check(args, command)
+
+
+def cmd_units(args) -> int:
+    try:
+        units = unitfiles.render(args.name, Path(args.root), args.listen, args.user)
+        for path in unitfiles.write(units, Path(args.output)):
+            print(f"wrote {path}")
+    except (unitfiles.UnitError, OSError) as exc:
+        print(f"cadenza units: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    return 0
 
 
 def cmd_pin(args) -> int:
