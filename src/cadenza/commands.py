@@ -11,6 +11,7 @@ import os
 import time
 
 from . import control
+from . import succession as preflight
 
 
 def run(master, client, cmd: str, request: dict) -> None:
@@ -108,6 +109,10 @@ def describe(master) -> dict:
         "listeners": [listener.describe() for listener in master.listeners],
         "last_upgrade": master.last_upgrade.as_dict() if master.last_upgrade else None,
         "upgrading": None,
+        "upgrade_timeout": master.config.upgrade.timeout,
+        "graceful_timeout": master.config.workers.graceful_timeout,
+        "current": os.path.realpath(master.config.directory) if master.config.directory else None,
+        "pinned_problem": _pinned_problem(master.config),
     }
     succession = master.succession
     if succession is not None:
@@ -115,3 +120,11 @@ def describe(master) -> dict:
                              "state": succession.state, "release": succession.plan.release,
                              "progress": succession.progress}
     return info
+
+
+def _pinned_problem(config) -> str | None:
+    try:
+        preflight.check_pinned_path(config.exec_path, os.geteuid()) if config.exec_path else None
+    except preflight.UpgradeRefused as exc:
+        return str(exc)
+    return None

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("scale", help="set the number of workers: N, +N or -N")
     scale.add_argument("count", metavar="N|+N|-N")
     sub.add_parser("stop", help="graceful stop of the master and its workers")
+    sub.add_parser("doctor", help="what in the unit or the service would break an upgrade, with the fix")
     return p
 
 
@@ -105,7 +106,28 @@ def request(path: Path, message: dict, timeout: float | None):
                 return
 
 
+def doctor(args) -> int:
+    from .doctor import diagnose
+    unit = args.unit
+    if not unit:
+        raise Failure(USAGE, "doctor needs the unit: -u UNIT (the pinned supervisorctl knows it)")
+    status = None
+    try:
+        for event in request(socket_path(args), {"cmd": "status"}, 10):
+            status = event.get("status")
+    except Failure as exc:
+        print(f"note: {exc} (checking the unit only)")
+    findings, props = diagnose(unit, status)
+    for problem, fix in findings:
+        print(f"PROBLEM {problem}\n    fix: {fix}")
+    if not findings:
+        print(f"ok: {unit} has what an upgrade needs (systemd {props.get('Version') or '?'})")
+    return FAILED if findings else OK
+
+
 def run(args) -> int:
+    if args.command == "doctor":
+        return doctor(args)
     path = socket_path(args)
     message = {"cmd": args.command}
     if args.command == "upgrade":
