@@ -91,6 +91,12 @@ def app(tmp_path):
     m.wait_ready()
     # The master was started with no arguments: it must find ./cadenza.toml through `current`.
     yield root, m
+    # A later generation runs in a process group of its own (its pgid is its pid).
+    try:
+        later = json.loads(root.ctl("status", "--json", timeout=10).stdout)["pid"]
+        os.killpg(later, signal.SIGKILL)
+    except (ValueError, KeyError, ProcessLookupError, subprocess.TimeoutExpired):
+        pass
     m.close()
     shutil.rmtree(socket_dir, ignore_errors=True)
 

@@ -10,8 +10,8 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from procs import CADENZA, alive, children, cmdline, cpu_seconds, free_port, get
@@ -26,11 +26,11 @@ BACKOFF = re.compile(r"generation 1 starting: 0/2 workers ready; worker \d exite
 
 
 def install(ns, *, port: int | None = None, args: tuple[str, ...] = (), restart: str = "on-failure",
-            unit: str = UNIT, **workers) -> None:
+            unit: str = UNIT, env: dict[str, str] | None = None, **workers) -> None:
     """Write cadenza.toml and the units; with `port`, APP.socket listens there and is started."""
     config = ns.state / f"{unit}.toml"
     config.write_text(config_toml(APP, **workers))
-    ns.write_unit(unit, service_unit(config, *args, restart=restart))
+    ns.write_unit(unit, service_unit(config, *args, restart=restart, env=env))
     if port is not None:
         ns.write_unit(f"{APP}.socket", socket_unit(port))
     ns.systemctl("daemon-reload", check=True)
@@ -82,20 +82,6 @@ def journal_lines(ns, text: str, *args: str) -> list[str]:
     return poll(lines, what=f"journal line {text!r}")
 
 
-def in_background(fn) -> tuple[threading.Thread, dict]:
-    """Run fn() in a thread; its result, or the exception it raised, lands in the dict."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except Exception as exc:  # noqa: BLE001 - reported by the test's assertion
-            out["error"] = repr(exc)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
 def accepted(port: int, client_port: int) -> bool:
     """Has a worker accept()ed our connection?  A queued one has no socket inode yet."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -109,18 +95,18 @@ def test_first_connection_starts_it_and_active_means_all_workers_ready(systemd):
     port = free_port()
     install(systemd, port=port, count=2)
     assert systemd.show(UNIT, "ActiveState", "MainPID") == {"ActiveState": "inactive", "MainPID": "0"}
-    client, answer = in_background(lambda: get(port, timeout=30))
-    # Watch the activation as systemd reports it, until the first `active` (one `show`, so the
-    # two properties are read together).
-    seen = []
-    while not seen or seen[-1]["ActiveState"] != "active":
-        props = systemd.show(UNIT, "ActiveState", "StatusText")
-        assert props["ActiveState"] in ("inactive", "activating", "active"), (props, seen)
-        seen.append(props)
-        assert len(seen) < 2000, seen[-5:]
-    client.join(timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(get, port, "/", 30)
+        # Watch the activation as systemd reports it, until the first `active` (one `show`, so
+        # the two properties are read together).
+        seen = []
+        while not seen or seen[-1]["ActiveState"] != "active":
+            props = systemd.show(UNIT, "ActiveState", "StatusText")
+            assert props["ActiveState"] in ("inactive", "activating", "active"), (props, seen)
+            seen.append(props)
+            assert len(seen) < 2000, seen[-5:]
+        status, body = reply.result(timeout=30)
     assert seen[-1]["StatusText"] == "generation 1 serving: 2/2 workers ready", seen
-    status, body = answer.get("result", (None, answer))
     assert status == 200 and "hello from cadenza worker" in body, body
     props, master, workers = running(systemd)
     assert cmdline(master).startswith("cadenza master gen 1"), cmdline(master)
@@ -142,16 +128,15 @@ def test_stop_drains_a_request_in_flight_and_leaves_nothing(systemd):
         resp = conn.getresponse()
         return dict(status=resp.status, body=resp.read().decode(), at=time.monotonic(),
                     connection=resp.getheader("connection"))
-    client, out = in_background(read)
-    # Stop only once a worker holds the request: one still queued on systemd's socket would
-    # just activate the service again after the stop.
-    poll(lambda: accepted(port, conn.sock.getsockname()[1]), what="accept() of the slow request")
-    stop = systemd.systemctl("stop", UNIT)
-    stopped_at = time.monotonic()
-    client.join(timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(read)
+        # Stop only once a worker holds the request: one still queued on systemd's socket would
+        # just activate the service again after the stop.
+        poll(lambda: accepted(port, conn.sock.getsockname()[1]), what="accept() of the request")
+        stop = systemd.systemctl("stop", UNIT)
+        stopped_at = time.monotonic()
+        answer = reply.result(timeout=30)
     assert stop.returncode == 0, stop.stderr
-    answer = out.get("result", {})
-    assert answer, out
     assert answer["status"] == 200 and "hello from cadenza worker" in answer["body"], answer
     assert answer["connection"] == "close", answer  # a keep-alive client is let go, not cut
     assert answer["at"] <= stopped_at, "systemctl stop returned before the request was answered"
@@ -244,6 +229,9 @@ def test_outside_systemd_without_notify_socket(tmp_path):
             except OSError:
                 return False  # not bound yet
         poll(answered, timeout=20, what="HTTP 200")
+        # Without NOTIFY_SOCKET only the log tells that both workers are up; a TERM that finds
+        # a worker still starting is the case of test_stop_while_a_worker_starts_is_prompt.
+        poll(lambda: "serving: 2/2 workers ready" in log.read_text(), what="2/2 ready in the log")
         workers = children(proc.pid)
         assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)
@@ -280,3 +268,31 @@ def test_journal_gets_priorities_and_no_timestamps(systemd):
     assert not any("generation 1 starting" in line for line in errors), errors
     # cadenza's own date, or a `<N>` prefix journald did not strip, would show in MESSAGE.
     assert not [line for line in ours if DATE.search(line) or re.search(r"\]: <\d>", line)], ours
+
+
+# A stand-in for uvloop, which uvicorn (loop="auto") imports after cadenza's built-in worker has
+# set its no-op SIGTERM handler and before uvicorn sets its own: it holds a starting worker there.
+SLOW_UVLOOP = """\
+import os, time
+open(os.path.join(os.environ["CADENZA_TEST_MARKS"], str(os.getpid())), "w").close()
+time.sleep(2)
+raise ImportError("a stand-in: uvicorn falls back to asyncio")
+"""
+
+
+def test_stop_while_a_worker_starts_is_prompt(systemd):
+    lib, marks = systemd.state / "pylib", systemd.state / "marks"
+    lib.mkdir()
+    marks.mkdir()
+    (lib / "uvloop.py").write_text(SLOW_UVLOOP)
+    install(systemd, count=1, graceful_timeout=10, args=("--bind", f"127.0.0.1:{free_port()}"),
+            env={"PYTHONPATH": str(lib), "CADENZA_TEST_MARKS": str(marks)})
+    systemd.systemctl("start", "--no-block", UNIT, check=True)
+    poll(lambda: any(marks.iterdir()), what="a worker setting up its event loop")
+    t0 = time.monotonic()
+    stop = systemd.systemctl("stop", UNIT)
+    elapsed = time.monotonic() - t0
+    assert stop.returncode == 0 and systemd.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    # Nothing is in flight: the worker needs its 2 s to finish starting, then it should leave.
+    assert elapsed < 6, (f"BUG: systemctl stop took {elapsed:.1f}s: the starting worker lost its "
+                         "SIGTERM and the master waited out graceful_timeout (10s)")

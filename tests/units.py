@@ -14,12 +14,14 @@ def socket_unit(port: int) -> str:
     return f"[Socket]\nListenStream=127.0.0.1:{port}\n"
 
 
-def service_unit(config: Path, *args: str, restart: str = "no", stop_timeout: int = 20) -> str:
+def service_unit(config: Path, *args: str, restart: str = "no", stop_timeout: int = 20,
+                 env: dict[str, str] | None = None) -> str:
     # KillMode=mixed: systemd sends TERM to the master only and lets it drain its workers (DESIGN §4).
     exec_start = " ".join([str(CADENZA), "run", "-c", str(config), *args])
-    return "\n".join(["[Service]", "Type=notify", "NotifyAccess=main", "KillMode=mixed",
-                      f"ExecStart={exec_start}", f"TimeoutStopSec={stop_timeout}",
-                      f"Restart={restart}"]) + "\n"
+    lines = ["[Service]", "Type=notify", "NotifyAccess=main", "KillMode=mixed",
+             f"ExecStart={exec_start}", f"TimeoutStopSec={stop_timeout}", f"Restart={restart}"]
+    lines += [f'Environment="{key}={value}"' for key, value in (env or {}).items()]
+    return "\n".join(lines) + "\n"
 
 
 def config_toml(name: str, **workers: object) -> str:

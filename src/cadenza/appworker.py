@@ -152,10 +152,11 @@ def serve(app, sockets: list[socket.socket], notifier: Notifier) -> int:
                             access_log=False, timeout_graceful_shutdown=max(graceful - 0.5, 0.1),
                             server_header=False)
     server = NotifyingServer(config, notifier)
-    # uvicorn re-raises the stop signal after its graceful shutdown; a no-op handler turns that
-    # into a plain exit 0, so the master sees a clean exit rather than a death by signal.
+    # Until uvicorn installs its own handlers (inside run()), a stop signal must not be lost;
+    # afterwards uvicorn re-raises it once it has shut down, and this handler turns that into a
+    # plain exit 0, so the master sees a clean exit rather than a death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     server.run(sockets=sockets)
     return 0
 

@@ -270,10 +270,9 @@ class Master:
     def _give_up(self, why: str) -> None:
         reason = f"generation {self.generation} start failed: {why}"
         log.error("%s", reason)
-        self.systemd.send(status=reason)
         if self.heir is not None:
             self.heir.say(f"failed {reason}")
-        self._begin_stop(signal.SIGKILL, exit_code=EXIT_START_FAILED)
+        self._begin_stop(signal.SIGKILL, exit_code=EXIT_START_FAILED, status=reason)
 
     # ---- signals ----------------------------------------------------------------------------
 
@@ -441,11 +440,12 @@ class Master:
 
     # ---- stopping ---------------------------------------------------------------------------
 
-    def _begin_stop(self, sig: int, exit_code: int) -> None:
+    def _begin_stop(self, sig: int, exit_code: int, status: str | None = None) -> None:
         first = self.state != "stopping"
         if first:
             self._pending_exit = exit_code
-            self.systemd.send(stopping=1, status=f"generation {self.generation} stopping")
+            # A failed start keeps its reason as the unit's last STATUS= (`systemctl status`).
+            self.systemd.send(stopping=1, status=status or f"generation {self.generation} stopping")
         if self.succession is not None:
             self.succession.abort(sig)
         self.state = "stopping"

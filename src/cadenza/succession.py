@@ -32,7 +32,7 @@ from typing import Callable
 from . import config as C
 from .listeners import Listener
 from .pinning import unsafe_reason
-from .workers import PRIVATE_VARIABLES, place_fds
+from .workers import PRIVATE_VARIABLES, fork, place_fds
 
 log = logging.getLogger("cadenza.succession")
 
@@ -149,7 +149,7 @@ class Succession:
         out_r, out_w = os.pipe()
         env = self._environment(named)
         fds = [fd for fd, _ in named] + [theirs.fileno(), 2]
-        pid = os.fork()
+        pid = fork()
         if pid == 0:
             try:
                 _become_heir(self.plan, argv, env, fds, len(named), out_w)

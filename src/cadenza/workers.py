@@ -71,7 +71,7 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
     })
     fds = [listener.fd for listener in listeners]
     master = os.getpid()
-    pid = os.fork()
+    pid = fork()
     if pid:
         return pid
     try:
@@ -79,6 +79,19 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
     except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
         os.write(2, f"cadenza: cannot start worker {worker_id} ({argv[0]}): {exc}\n".encode())
     os._exit(127)
+
+
+def fork() -> int:
+    """os.fork() with every signal blocked until the child has reset its handlers (and unblocks
+    them itself): a TERM in between would reach the master's do-nothing handler and be lost."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pid
 
 
 def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int,
