@@ -40,11 +40,21 @@ from urllib.parse import parse_qs
 {body}
 
 def app(environ, start_response):
-    if environ["PATH_INFO"] == "/slow":
-        time.sleep(float(parse_qs(environ["QUERY_STRING"]).get("s", ["1"])[0]))
+    seconds = float(parse_qs(environ["QUERY_STRING"]).get("s", ["1"])[0])
     text = f"release {tag} pid {{os.getpid()}}\\n".encode()
+    if environ["PATH_INFO"] == "/stream":   # headers and a first chunk now, the rest later
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return stream(text, seconds)
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(seconds)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(text)))])
     return [text]
+
+
+def stream(text, seconds):
+    yield text
+    time.sleep(seconds)
+    yield b"end\\n"
 '''
 
 SCRIPT = "#!{python}\nimport sys\nfrom {module} import main\nsys.exit(main())\n"

@@ -56,31 +56,63 @@ while read -r _ _ _ _ p opts _; do
   mount -n -o remount,bind,ro "$p" 2>/dev/null || [ ! -e "$p" ] || {
     echo "sdns: cannot make $p read-only" >&2; exit 1; }
 done < <(cat /proc/self/mountinfo)  # a snapshot: the loop itself changes mount options
+# 1b. With overlay=True, the root is a copy-on-write copy of the host's: an overlayfs per host
+# mount (the read-only / and whatever else is mounted outside the API and temporary places), whose
+# upper layers live on a tmpfs of this namespace, so every write stays here and vanishes with it.
+# (A tmpfs is another filesystem, so no layer overlaps another.)  Steps 2-5 build the new root
+# at $R, then the script pivots into it.  Without overlay, R is empty and they act on / itself.
+R= UNIT_PATH=/etc/systemd/system:/run/sdns/units
+if [ -n "${SDNS_OVERLAY:-}" ]; then
+  R=/run/sdns-root UNIT_PATH=$UNIT_PATH:/lib/systemd/system
+  mapfile -t mounts < <(while read -r _ _ _ _ p _; do printf '%b\n' "$p"; done \
+                          < /proc/self/mountinfo | LC_ALL=C sort -u)  # parents first
+  mount -n -t tmpfs -o mode=0700 tmpfs /run  # the layers; /run is the same in steps 2 and 6
+  mkdir "$R" /run/sdns-layers
+  i=0
+  for p in "${mounts[@]}"; do
+    case "$p/" in /proc/*|/dev/*|/run/*|/sys/*|/tmp/*|/var/tmp/*) continue;; esac
+    [ -e "$p" ] || continue
+    i=$((i + 1)); l=/run/sdns-layers/$i; mkdir "$l" "$l/upper" "$l/work"
+    # ",", ":" and "\" would need escaping in the options
+    if [[ -d $p && $p != *[,:\\]* ]] &&
+       mount -n -t overlay -o "lowerdir=$p,upperdir=$l/upper,workdir=$l/work" overlay "$R$p"; then
+      continue
+    fi
+    [ "$p" != / ] || { echo "sdns: cannot mount the overlay root" >&2; exit 1; }
+    mount -n --bind "$p" "$R$p"  # a file, or a filesystem overlayfs refuses: read-only as it is
+    mount -n -o remount,bind,ro "$R$p"
+  done
+fi
 # 2. Writable places: tmpfs, plus the state dir at /run/sdns and at its host path.
-mount -n -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-mkdir /run/sdns /run/sdns-empty /run/sdns-dev
-mount -n --bind "$STATE" /run/sdns
-mount -n -o remount,bind,rw /run/sdns
-for d in /tmp /var/tmp; do mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$d"; done
+mount -n -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
+mkdir "$R/run/sdns" "$R/run/sdns-empty" "$R/run/sdns-dev"
+mount -n --bind "$STATE" "$R/run/sdns"
+mount -n -o remount,bind,rw "$R/run/sdns"
+for d in /tmp /var/tmp; do mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R$d"; done
 for d in /var/log /var/lib/systemd /etc/systemd/system ${SDNS_EXTRA_TMPFS:-}; do
-  mount -n -t tmpfs -o mode=0755 tmpfs "$d"
+  mount -n -t tmpfs -o mode=0755 tmpfs "$R$d"
 done
-mkdir -p "$STATE"
-mount -n --bind /run/sdns "$STATE"
-mount -n -o remount,bind,rw "$STATE"
+mkdir -p "$R$STATE"
+mount -n --bind "$R/run/sdns" "$R$STATE"
+mount -n -o remount,bind,rw "$R$STATE"
 # 3. Our own /proc; /proc/sys read-only, or PID 1 bumps the host's fs.file-max and fs.nr_open.
-mount -n -t proc -o nosuid,nodev,noexec proc /proc
-for p in /proc/sys /proc/sysrq-trigger; do
+mount -n -t proc -o nosuid,nodev,noexec proc "$R/proc"
+for p in "$R/proc/sys" "$R/proc/sysrq-trigger"; do
   if [ -e "$p" ]; then mount -n --bind "$p" "$p"; mount -n -o remount,bind,ro "$p"; fi
 done
 # 4. Read-only sysfs; with the host netns the kernel refuses a new one ("already mounted").
-umount -n -l /sys/fs/cgroup
-mount -n -t sysfs -o ro,nosuid,nodev,noexec sysfs /sys 2>/dev/null ||
-  mount -n -o remount,bind,ro /sys
+if [ -z "$R" ]; then
+  umount -n -l /sys/fs/cgroup
+  mount -n -t sysfs -o ro,nosuid,nodev,noexec sysfs /sys 2>/dev/null ||
+    mount -n -o remount,bind,ro /sys
+else  # the host's /sys without its submounts
+  mount -n -t sysfs -o ro,nosuid,nodev,noexec sysfs "$R/sys" 2>/dev/null ||
+    { mount -n --bind /sys "$R/sys" && mount -n -o remount,bind,ro "$R/sys"; }
+fi
 # Rooted at sdns-<id> by the cgroup namespace; never mount cgroup2 from the init cgroup ns.
-mount -n -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
+mount -n -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$R/sys/fs/cgroup"
 # 5. Private /dev: the host's devtmpfs is one superblock shared by everyone.
-dev=/run/sdns-dev
+dev=$R/run/sdns-dev
 mount -n -t tmpfs -o mode=0755,nosuid,noexec tmpfs "$dev"
 for spec in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
   IFS=: read -r name major minor <<< "$spec"
@@ -96,10 +128,29 @@ for i in 0:stdin 1:stdout 2:stderr; do ln -s "/proc/self/fd/${i%%:*}" "$dev/${i#
 touch "$dev/console"
 mount -n --bind "$CONSOLE" "$dev/console"
 mount -n -o remount,bind,rw "$dev/console"
-mount -n --move "$dev" /dev
+mount -n --move "$dev" "$R/dev"
+if [ -n "$R" ]; then
+  # pivot_root(".", ".") stacks the old root on the new one; detaching it leaves the host's
+  # mounts out of reach (and out of systemd's sight); nsenter -m then lands in the new root.
+  cd "$R"
+  pivot_root . .
+  umount -n -l .
+  cd /
+  # /lib/systemd/system holds only the base units that /run/sdns/units links to: units that a
+  # package installs there load as on a machine, and none of the host's (or their .wants) do.
+  units=/run/sdns-units
+  mkdir "$units"
+  mount -n -t tmpfs -o mode=0755 tmpfs "$units"
+  for link in /run/sdns/units/*; do
+    target=$(readlink "$link") || continue
+    case "$target" in /lib/systemd/system/*) cp -L "$target" "$units/";; esac
+  done
+  mount -n --move "$units" /lib/systemd/system
+  rmdir "$units"
+fi
 # 6. container= keeps PID 1 off core_pattern, printk, the clock, SELinux/IMA and kmod.
 exec env -i container=sdns PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  LANG=C.UTF-8 SYSTEMD_UNIT_PATH=/etc/systemd/system:/run/sdns/units \
+  LANG=C.UTF-8 SYSTEMD_UNIT_PATH="$UNIT_PATH" \
   SYSTEMD_GENERATOR_PATH=/run/sdns-empty SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/sdns-empty \
   NOTIFY_SOCKET=/run/sdns/notify.sock \
   /lib/systemd/systemd --system --unit=sdns.target --show-status=no --log-level="$LEVEL"
@@ -231,17 +282,26 @@ def _child_setup(procs: str, parent: int) -> None:
 
 
 class SystemdNS:
-    """`with SystemdNS(net="host") as ns:` boots; leaving the block leaves nothing behind."""
+    """`with SystemdNS(net="host") as ns:` boots; leaving the block leaves nothing behind.
+
+    overlay=True: the root is writable, copy-on-write over the host's read-only one, so a test
+    can install packages (dpkg writes /opt, /usr, /var/lib/dpkg ...); the writes live in the
+    namespace's memory and vanish with it.  /lib/systemd/system then holds only the base units,
+    and is on the unit path: units a package installs there load as they would on a machine.
+    """
 
     def __init__(self, net: str = "host", dbus: bool = False, console: bool = True,
                  log_level: str = "info", boot_timeout: float = 10.0,
-                 extra_tmpfs: tuple[str, ...] = ()):
+                 extra_tmpfs: tuple[str, ...] = (), overlay: bool = False):
         if net not in ("host", "private"):
             raise ValueError(f"net={net!r}: use 'host' or 'private'")
         if log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={log_level!r}: use one of {sorted(LOG_LEVELS)}")
         self.net, self.dbus, self.console, self.log_level = net, dbus, console, log_level
         self.boot_timeout, self.extra_tmpfs = boot_timeout, tuple(extra_tmpfs)
+        self.overlay = overlay
+        if overlay and shutil.which("pivot_root", path=PATH) is None:
+            raise ValueError("overlay=True needs pivot_root: apt-get install util-linux")
         # The owner pid in the name tells the janitor whose cgroup it is.
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.state: Path | None = None  # host path; the same path inside, and /run/sdns
@@ -308,7 +368,8 @@ class SystemdNS:
                "setpriv", "--bounding-set", ",".join("-" + c for c in caps), "--",
                "/bin/bash", str(self.state / "inner.sh"), str(self.state), console,
                self.log_level]
-        env = dict(INNER_ENV, SDNS_EXTRA_TMPFS=" ".join(self.extra_tmpfs))
+        env = dict(INNER_ENV, SDNS_EXTRA_TMPFS=" ".join(self.extra_tmpfs),
+                   SDNS_OVERLAY="1" if self.overlay else "")
         procs, parent = str(self.cgroup / "cgroup.procs"), os.getpid()
         try:
             self._unshare = subprocess.Popen(

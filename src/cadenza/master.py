@@ -3,7 +3,8 @@
 Invariants:
 - Signal handlers only wake the loop (set_wakeup_fd); all work happens in the loop.
 - Every child is reaped in `_reap`, which hands the pid and its status to the owner registered
-  in `self.children` (a worker slot now, the next generation during an upgrade).
+  in `self.children` (a worker). The next generation's master is not our child (see
+  succession._spawn_orphan): its exit arrives through a pidfd.
 - systemd hears READY=1 only when every worker slot holds a ready worker, and STATUS= always
   says the generation and how many workers are ready.
 - The master never imports application code: workers are exec'd programs.
@@ -68,7 +69,7 @@ class Master:
         self.control_owned = control_owned
         self.succession: Succession | None = None
         self.last_upgrade: Outcome | None = None
-        self._successor_pid = 0            # an upgrade aborted by a stop: wait for it to drain
+        self._aborted: Succession | None = None   # an upgrade aborted by a stop: it drains with us
         self.control: control.ControlServer | None = None
         self._waits: list[tuple[Callable[[], bool], Callable[[], None]]] = []
         if heir is not None:
@@ -367,9 +368,9 @@ class Master:
 
     def succession_done(self, outcome: Outcome) -> None:
         self.last_upgrade = outcome
-        self.succession = None
+        succession, self.succession = self.succession, None
         if self.state == "stopping":
-            self._successor_pid = outcome.pid
+            self._aborted = succession
             self._maybe_exit()
             return
         if not outcome.ok:
@@ -382,6 +383,10 @@ class Master:
         self.systemd.muted = True      # not main any more: systemd would refuse what we said
         self.state = "leaving"
         self._drain(signal.SIGTERM)
+
+    def successor_exited(self, succession: Succession) -> None:
+        if succession is self._aborted:
+            self._maybe_exit()
 
     def _on_heir_channel(self) -> None:
         what = self.heir.read()
@@ -467,13 +472,13 @@ class Master:
             log.warning("worker %d (pid %d) still running after %gs; killing it", worker.id, worker.pid,
                         self.config.workers.graceful_timeout)
             _kill(worker.pid, signal.SIGKILL)
-        if self._successor_pid in self.children:
-            _kill(self._successor_pid, signal.SIGKILL)
+        if self._aborted is not None and self._aborted.alive():
+            os.killpg(self._aborted.pid, signal.SIGKILL)
 
     def _maybe_exit(self) -> None:
         if self.state not in ("stopping", "leaving") or self.workers:
             return
-        if self.state == "stopping" and self._successor_pid in self.children:
+        if self.state == "stopping" and self._aborted is not None and self._aborted.alive():
             return   # an aborted next generation is still draining
         self.exit_code = self._pending_exit
         self._check_waits()

@@ -32,7 +32,7 @@ from typing import Callable
 from . import config as C
 from .listeners import Listener
 from .pinning import unsafe_reason
-from .workers import PRIVATE_VARIABLES, fork, place_fds
+from .workers import PRIVATE_VARIABLES, describe_status, fork, place_fds
 
 log = logging.getLogger("cadenza.succession")
 
@@ -138,6 +138,7 @@ class Succession:
         self._chan: socket.socket | None = None
         self._timer = None
         self._barrier_r: int | None = None
+        self.pidfd: int | None = None
 
     # start -----------------------------------------------------------------------------------
 
@@ -149,13 +150,7 @@ class Succession:
         out_r, out_w = os.pipe()
         env = self._environment(named)
         fds = [fd for fd, _ in named] + [theirs.fileno(), 2]
-        pid = fork()
-        if pid == 0:
-            try:
-                _become_heir(self.plan, argv, env, fds, len(named), out_w)
-            except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
-                os.write(2, f"cadenza: cannot exec {self.plan.exec_path}: {exc}\n".encode())
-            os._exit(127)
+        pid, self.pidfd = _spawn_orphan(lambda: _become_heir(self.plan, argv, env, fds, len(named), out_w))
         theirs.close()
         os.close(out_w)
         self.pid, self._chan, self._out_r = pid, mine, out_r
@@ -163,7 +158,7 @@ class Succession:
         os.set_blocking(out_r, False)
         self.host.selector.register(mine, 1, self._on_channel)
         self.host.selector.register(out_r, 1, self._on_output)
-        self.host.children[pid] = self._on_exit
+        self.host.selector.register(self.pidfd, 1, self._on_exit)
         self._timer = self.host.timers.after(self.timeout, self._on_timeout)
         self.emit("started", f"generation {self.generation} started (pid {pid}) from {self.plan.exec_path} "
                              f"in {self.plan.directory} -> {self.plan.release}")
@@ -237,14 +232,17 @@ class Succession:
             self._chan.close()
             self._chan = None
 
-    def _on_exit(self, status: int) -> None:
-        from .workers import describe_status
-        how = describe_status(status)
+    def _on_exit(self) -> None:
+        # The pidfd is readable: N+1's master has exited (it is not our child: no status).
+        self.host.selector.unregister(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = None
         if self.state in ("starting", "handing-over", "mainpid-sent"):
             self._drain_output()
-            self._fail(f"generation {self.generation} (pid {self.pid}) {how} before it was main")
+            self._fail(f"generation {self.generation} (pid {self.pid}) exited before it was main")
         else:
-            log.warning("generation %d (pid %d) %s", self.generation, self.pid, how)
+            log.info("generation %d (pid %d) exited", self.generation, self.pid)
+        self.host.successor_exited(self)
 
     def _on_timeout(self) -> None:
         if self.state in ("starting", "handing-over"):
@@ -341,7 +339,38 @@ class Succession:
         return Outcome(ok, self.generation, reason, self.pid, list(self.output), self.started, time.monotonic())
 
     def alive(self) -> bool:
-        return self.pid in self.host.children
+        return self.pidfd is not None
+
+
+def _spawn_orphan(become) -> tuple[int, int]:
+    """fork twice so that the new master is an orphan, adopted by PID 1 (systemd), and return its
+    pid and a pidfd. Under systemd this matters: MAINPID= naming a process that is *not* systemd's
+    child makes it "alien" (service_set_main_pid), and on `systemctl stop` systemd then cannot
+    wait for it and SIGKILLs the whole unit at once instead of letting it drain."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    middle = fork()
+    if middle == 0:
+        try:
+            ours.close()
+            pid = fork()
+            if pid == 0:
+                theirs.close()
+                become()
+            # Our child cannot be reaped (so its pid not reused) until we exit: the pidfd is safe.
+            socket.send_fds(theirs, [str(pid).encode()], [os.pidfd_open(pid)])
+        except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
+            os.write(2, f"cadenza: cannot start the next generation: {exc}\n".encode())
+            os._exit(127)
+        os._exit(0)
+    theirs.close()
+    try:
+        data, fds, _, _ = socket.recv_fds(ours, 64, 1)
+    finally:
+        ours.close()
+        _, status = os.waitpid(middle, 0)   # it exits at once: the one wait that may block, briefly
+    if not fds:
+        raise OSError(f"the intermediate process {middle} {describe_status(status)} without a pid")
+    return int(data), fds[0]
 
 
 def _become_heir(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int], nlisten: int,
@@ -365,7 +394,11 @@ def _become_heir(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int
     env["LISTEN_PID"] = str(os.getpid())
     if "WATCHDOG_USEC" in env:
         env["WATCHDOG_PID"] = str(os.getpid())
-    os.execve(plan.exec_path, [plan.exec_path, *argv], env)
+    try:
+        os.execve(plan.exec_path, [plan.exec_path, *argv], env)
+    except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
+        os.write(2, f"cadenza: cannot exec {plan.exec_path}: {exc}\n".encode())
+    os._exit(127)
 
 
 def _kill(pid: int, sig: int) -> None:

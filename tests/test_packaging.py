@@ -1,0 +1,231 @@
+"""The Debian package (packaging/): built once per session with `bash packaging/build-deb.sh`,
+then installed with apt into a real systemd 252 booted on an overlay of the host's root
+(tests/sdns.py, overlay=True), used as an operator would (pin, enable the socket, serve, deploy,
+`systemctl reload`), and purged, leaving nothing behind inside, and nothing changed on the host.
+
+CADENZA_DEB=/path/to/cadenza_X_ARCH.deb tests that package instead of building one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+import tomllib
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+import sdns
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VENV = "/opt/venvs/cadenza"
+# Debian's tools, never a pyenv shim or the test's venv.
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root")}
+INSIDE_ENV = dict(sdns.INNER_ENV, DEBIAN_FRONTEND="noninteractive")
+PIP_ENV = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}  # index, certificates
+CONFIG = """\
+[app]
+name = "demo"
+root = "/srv/demo"
+
+[workers]
+app = "cadenza.demo:app"
+count = 2
+
+[control]
+socket = "/run/cadenza/demo/control.sock"
+"""
+GET = ("import urllib.request; "
+       "print(urllib.request.urlopen('http://127.0.0.1:8000/', timeout=20).read().decode(), end='')")
+
+# The build (about 40 s: it compiles pystemd) and the boot share a test's time limit.
+pytestmark = pytest.mark.timeout(600)
+
+
+def host(*cmd: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(HOST_ENV, **PIP_ENV))
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory) -> Path:
+    if os.environ.get("CADENZA_DEB"):
+        return Path(os.environ["CADENZA_DEB"])
+    if not Path("/etc/debian_version").exists() or shutil.which("apt-get", path=HOST_ENV["PATH"]) is None:
+        pytest.skip("the package is built on Debian (apt-get, dpkg-buildpackage)")
+    out = tmp_path_factory.mktemp("deb")
+    t0 = time.monotonic()
+    build = host("bash", str(REPO / "packaging" / "build-deb.sh"), str(out), timeout=900)
+    if build.returncode != 0:
+        pytest.fail(f"build-deb.sh failed ({build.returncode}):\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}")
+    debs = list(out.glob("*.deb"))
+    assert len(debs) == 1, (debs, build.stdout[-2000:])
+    print(f"built {debs[0].name} ({debs[0].stat().st_size} bytes) in {time.monotonic() - t0:.1f}s")
+    return debs[0]
+
+
+@pytest.fixture(scope="session")
+def supervisor_debs(tmp_path_factory) -> list[Path]:
+    """Debian's supervisor package, plus those of its dependencies the host lacks (the
+    namespace has no network, so they are fetched here)."""
+    out = tmp_path_factory.mktemp("supervisor")
+
+    def download(*names: str) -> None:
+        # The sandbox user _apt could not write the pytest temp dir.
+        cmd = ("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *names)
+        if host(*cmd, cwd=out).returncode != 0:
+            host("apt-get", "update", "-qq", timeout=300)   # no package lists yet
+            got = host(*cmd, cwd=out)
+            assert got.returncode == 0, f"apt-get download {' '.join(names)}:\n{got.stderr}"
+
+    download("supervisor")
+    (sup,) = out.glob("supervisor_*.deb")
+    plan = host("apt-get", "install", "--simulate", "--no-install-recommends", "-q", f"./{sup.name}", cwd=out)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    missing = [m for m in re.findall(r"^Inst (\S+)", plan.stdout, re.M) if m != "supervisor"]
+    if missing:
+        download(*missing)
+    return sorted(out.glob("*.deb"))
+
+
+class Entry(NamedTuple):
+    type: bytes       # tarfile's: DIRTYPE, SYMTYPE, REGTYPE ...
+    linkname: str
+    content: bytes
+
+
+def members(deb: Path) -> dict[str, Entry]:
+    """The package's files by absolute path, read from its data archive (about 20 MB)."""
+    data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {posixpath.normpath("/" + info.name):
+                Entry(info.type, info.linkname, tar.extractfile(info).read() if info.isfile() else b"")
+                for info in tar.getmembers()}
+
+
+def field(deb: Path, name: str) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_deb_carries_a_venv_the_unit_templates_and_nothing_of_supervisor(deb, supervisor_debs):
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    assert deb.name == f"cadenza_{VERSION}_{arch}.deb"
+    py = os.path.basename(os.path.realpath("/usr/bin/python3"))   # python3.11 on Debian 12
+    depends = field(deb, "Depends")
+    assert py in depends.split(", ") and "libsystemd0" in depends, depends
+
+    files = members(deb)
+    for template in ("cadenza@.service", "cadenza@.socket"):   # one source: units/
+        assert files[f"/lib/systemd/system/{template}"].content == (REPO / "units" / template).read_bytes()
+    assert files["/usr/bin/cadenza"].linkname == f"{VENV}/bin/cadenza"
+    assert files[f"{VENV}/bin/python"].type == tarfile.SYMTYPE
+    assert files[f"{VENV}/bin/{py}"].linkname == f"/usr/bin/{py}"
+    # pystemd compiled here, against libsystemd-dev: a wheel tagged for this platform, not manylinux.
+    (wheel,) = [f for n, f in files.items() if re.search(r"/site-packages/pystemd-[^/]+\.dist-info/WHEEL$", n)]
+    assert re.search(rb"^Tag: cp3\d+-cp3\d+-linux_", wheel.content, re.M), wheel.content
+    outside = {n for n in files if not n.startswith((f"{VENV}/", "/usr/share/doc/cadenza/"))}
+    assert outside == {"/", "/lib", "/lib/systemd", "/lib/systemd/system", "/opt", "/opt/venvs", VENV,
+                       "/usr", "/usr/bin", "/usr/share", "/usr/share/doc", "/usr/share/doc/cadenza",
+                       "/lib/systemd/system/cadenza@.service", "/lib/systemd/system/cadenza@.socket",
+                       "/usr/bin/cadenza"}
+
+    # Co-installable with Debian's supervisor: no path but shared directories in common.
+    (sup,) = [d for d in supervisor_debs if d.name.startswith("supervisor_")]
+    theirs = {n for n, f in members(sup).items() if f.type != tarfile.DIRTYPE}
+    assert "/usr/bin/supervisorctl" in theirs
+    assert not theirs & {n for n, f in files.items() if f.type != tarfile.DIRTYPE}
+
+
+def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, supervisor_debs,
+                                                                              systemd_factory):
+    watched = ("/opt/venvs/cadenza", "/usr/bin/cadenza", "/lib/systemd/system/cadenza@.service",
+               "/srv/demo", "/var/lib/dpkg/info/cadenza.list")
+    before = host_state(watched)
+    # A private netns: the template listens on 127.0.0.1:8000, which must not clash with the
+    # host's; and apt cannot fetch anything, so installing proves the dependencies are there.
+    with systemd_factory(net="private", overlay=True) as ns:
+        for d in (deb, *supervisor_debs):
+            shutil.copy(d, ns.state)
+        debs = "/run/sdns"
+
+        # Debian's supervisor first (kept from starting: only its files matter here).
+        sh(ns, "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d")
+        sh(ns, "dpkg -i " + " ".join(f"{debs}/{d.name}" for d in supervisor_debs), timeout=120)
+        sh(ns, "rm /usr/sbin/policy-rc.d")
+
+        out = sh(ns, f"apt-get install -y --no-install-recommends {debs}/{deb.name}", timeout=120)
+        assert "Need to get 0 B" in out, out
+        assert sh(ns, "cadenza --version").strip() == f"cadenza {VERSION}"
+        assert sh(ns, "readlink -f /usr/bin/cadenza").strip() == f"{VENV}/bin/cadenza"
+        assert sh(ns, "dpkg -S /usr/bin/supervisorctl").strip() == "supervisor: /usr/bin/supervisorctl"
+        # Templates: installed, known to systemd, neither enabled nor started.
+        listed = sh(ns, "systemctl list-unit-files --no-legend 'cadenza@*'").split("\n")
+        assert sorted(line.split()[:2] for line in listed if line) == [
+            ["cadenza@.service", "disabled"], ["cadenza@.socket", "disabled"]], listed
+        assert sh(ns, "systemctl list-units --all --no-legend 'cadenza@*'").strip() == ""
+        assert sh(ns, "find /etc/systemd/system -name 'cadenza*'").strip() == ""
+
+        # An app, as DESIGN §1 has it; a pinned launcher into the package's venv.
+        deploy(ns, "1")
+        sh(ns, f"cadenza pin --root /srv/demo --python {VENV}/bin/python")
+        sh(ns, "systemctl enable --now cadenza@demo.socket")
+        assert ns.show("cadenza@demo.service", "FragmentPath") == {
+            "FragmentPath": "/lib/systemd/system/cadenza@.service"}
+        reply = sh(ns, f"python3 -c \"{GET}\"")
+        assert re.fullmatch(r"hello from cadenza worker \d gen 1 pid \d+ release /srv/demo/releases/1\n", reply)
+        # A reload queued while the start job runs merges into it: wait for the start to end.
+        ns.wait_for("cadenza@demo.service", "ActiveState", "active", timeout=30)
+        first = ns.show("cadenza@demo.service", "MainPID")["MainPID"]
+
+        deploy(ns, "2")
+        sh(ns, "systemctl reload cadenza@demo", timeout=120)
+        props = ns.show("cadenza@demo.service", "ActiveState", "MainPID", "StatusText")
+        assert props["ActiveState"] == "active" and props["MainPID"] not in ("0", first), props
+        assert props["StatusText"].startswith("generation 2 serving"), props
+        reply = sh(ns, f"python3 -c \"{GET}\"")
+        assert re.fullmatch(r"hello from cadenza worker \d gen 2 pid \d+ release /srv/demo/releases/2\n", reply)
+        status = sh(ns, "/srv/demo/shared/bin/supervisorctl status")
+        assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
+
+        sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
+        sh(ns, "systemctl disable cadenza@demo.socket")
+        sh(ns, "apt-get purge -y cadenza", timeout=120)
+        gone = ns.run("dpkg", "-L", "cadenza", env=INSIDE_ENV)
+        assert gone.returncode != 0 and gone.stdout == "", gone
+        left = sh(ns, "find /opt /usr /lib/systemd /etc /var/lib/dpkg/info -name '*cadenza*'")
+        assert left == "", left
+        units = ns.systemctl("list-unit-files", "cadenza@*")
+        assert "0 unit files listed." in units.stdout, units
+        # Nothing of supervisor's was touched either (dpkg checks every file's md5sum).
+        assert sh(ns, "dpkg --verify supervisor").strip() == ""
+    assert host_state(watched) == before
+
+
+def sh(ns, script: str, timeout: float = 60) -> str:
+    """Run a shell script inside; its stdout, or a failure that shows both streams."""
+    proc = ns.run("bash", "-euo", "pipefail", "-c", script, env=INSIDE_ENV, timeout=timeout)
+    assert proc.returncode == 0, f"{script}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n" \
+                                 f"--- journal ---\n{ns.journal('-n', '30')}"
+    return proc.stdout
+
+
+def deploy(ns, tag: str) -> None:
+    """A release with its config, then `current` switched to it atomically."""
+    release = f"/srv/demo/releases/{tag}"
+    sh(ns, f"mkdir -p {release} && cat > {release}/cadenza.toml <<'EOF'\n{CONFIG}EOF\n"
+           f"ln -sfn releases/{tag} /srv/demo/current.new && mv -T /srv/demo/current.new /srv/demo/current")
+
+
+def host_state(paths: tuple[str, ...]) -> dict:
+    state = {p: os.path.lexists(p) for p in paths}
+    st = os.stat("/var/lib/dpkg/status")
+    state["dpkg status"] = (st.st_mtime_ns, st.st_size)
+    return state
