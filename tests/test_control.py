@@ -265,3 +265,22 @@ def test_ten_usr2_make_one_generation(app):
     assert st["generation"] == 2
     assert "joining the upgrade" in m.log() or m.log().count("upgrade requested by SIGUSR2") == 1
     assert m.log().count("starting generation") == 1
+
+
+def test_pin_refuses_a_directory_others_can_write(tmp_path):
+    root = tmp_path / "srv"
+    (root / "shared" / "bin").mkdir(parents=True)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root / "shared" / "bin", 0o777)
+    proc = subprocess.run([str(VENV_BIN / "cadenza"), "pin", "--root", str(root)], capture_output=True, text=True)
+    assert proc.returncode == 78
+    assert f"refusing to pin into {root}/shared/bin" in proc.stderr and "chmod go-w" in proc.stderr
+    assert not (root / "shared/bin/cadenza").exists()
+    os.chmod(root / "shared" / "bin", 0o755)
+    proc = subprocess.run([str(VENV_BIN / "cadenza"), "pin", "--root", str(root), "--python", sys.executable],
+                          capture_output=True, text=True, check=True)
+    launcher = (root / "shared/bin/cadenza")
+    assert stat.S_IMODE(launcher.stat().st_mode) == 0o755
+    assert sorted(p.name for p in (root / "shared/bin").iterdir()) == ["cadenza", "supervisorctl"]  # no temp left
+    out = subprocess.run([str(launcher), "--version"], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.startswith("cadenza ")

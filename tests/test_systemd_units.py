@@ -202,3 +202,32 @@ def test_doctor_names_what_would_break_an_upgrade(systemd, root):
     assert doctor.returncode == 1
     for text in ("only sends a signal", "KillMode=control-group", "without '-'", "TimeoutStartSec=5s"):
         assert text in doctor.stdout, doctor.stdout
+
+
+def test_a_user_not_allowed_gets_exit_4(systemd, root):
+    ns = systemd
+    install(ns, root)
+    get(root.port)
+    ns.wait_for(f"{APP}.service", "ActiveState", "active")
+    # supervisorctl from a copy nobody can read wherever this checkout lives (it needs no pystemd
+    # for status and upgrade), run by the Debian python as nobody inside the namespace.
+    lib = ns.state / "lib"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "src" / "cadenza", lib / "cadenza")
+    for path in [lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    sock = f"/run/cadenza/{APP}/control.sock"
+
+    def as_nobody(*args):
+        code = f"import sys; sys.path.insert(0, {str(lib)!r}); from cadenza.supervisorctl import main; " \
+               f"sys.exit(main({['-s', sock, *args]!r}))"
+        return ns.run("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                      "/usr/bin/python3", "-c", code)
+
+    proc = as_nobody("status")                        # the runtime directory's mode keeps nobody out
+    assert proc.returncode == 4 and "permission denied" in proc.stderr, proc.stderr
+    ns.run("chmod", "o+x", f"/run/cadenza/{APP}", check=True)
+    ns.run("chmod", "o+rw", sock, check=True)
+    proc = as_nobody("upgrade")                       # past the modes, SO_PEERCRED decides
+    assert proc.returncode == 4 and "permission denied: uid 65534 may not upgrade" in proc.stderr, proc.stderr
+    assert "upgrade denied to uid 65534" in ns.journal("-o", "cat")
+    assert ns.show(f"{APP}.service", "ActiveState")["ActiveState"] == "active"
