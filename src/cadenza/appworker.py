@@ -94,6 +94,15 @@ class NotifyingServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if not self.should_exit:
             self.notifier.send(ready=1, status="serving")
+            usec = os.environ.get("WATCHDOG_USEC", "")
+            if usec.isdigit() and int(usec) > 0:
+                self._ping(int(usec) / 2e6)
+
+    def _ping(self, interval: float) -> None:
+        # From the event loop itself: a loop that is stuck (or a stopped process) stops pinging.
+        if not self.should_exit:
+            self.notifier.send(watchdog=1)
+            asyncio.get_running_loop().call_later(interval, self._ping, interval)
 
 
 def load_app(spec: str):

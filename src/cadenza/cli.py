@@ -157,10 +157,21 @@ def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
         except (ControlError, OSError) as exc:
             log.warning("no control socket, supervisorctl cannot reach this master: %s", exc)
     notifier = Notifier.from_environ()
+    store_max = os.environ.pop("FDSTORE", "0")
+    if heir is None and store_max.isdigit() and int(store_max) > 0:
+        # What we bound ourselves goes to systemd's fd store too: after a crash or a restart the
+        # next master gets the same sockets back, and nothing is refused. systemd 254+ sets
+        # $FDSTORE from FileDescriptorStoreMax=; on 252 the unit sets Environment=FDSTORE=N itself.
+        offer = [(l.fd, l.name) for l in listeners] if bound_here else []
+        if control is not None and control_owned:
+            offer.append((control.fileno(), CONTROL_FDNAME))
+        if offer and notifier.store_fds(offer):
+            owned.add("fdstore")
     generation = int(os.environ.pop("CADENZA_GENERATION", "1") or 1)
     setproctitle.setproctitle(f"cadenza master gen {generation} [{cfg.app.name}]")
     master = Master(cfg, listeners, notifier, generation=generation, release=release, bound_here=bound_here,
-                    heir=heir, argv=raw_argv, control=control, control_owned=control_owned)
+                    heir=heir, argv=raw_argv, control=control, control_owned=control_owned,
+                    fd_store="fdstore" in owned)
     try:
         return master.run()
     except Exception:

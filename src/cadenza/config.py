@@ -92,6 +92,7 @@ class WorkersSection:
     ready: Readiness = Readiness("notify")
     ready_timeout: float = 30.0
     graceful_timeout: float = 30.0
+    watchdog: float = 0.0        # seconds without WATCHDOG=1 before a worker is replaced; 0: off
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,12 @@ def _seconds(value: Any, key: str, report: _Report) -> float:
     return float(value)
 
 
+def _seconds_or_off(value: Any, key: str, report: _Report) -> float:
+    if (_is_int(value) or isinstance(value, float)) and value == 0:
+        return 0.0
+    return _seconds(value, key, report)
+
+
 def _absolute_path(value: Any, key: str, report: _Report) -> Path | None:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         report.add(key, f"expected an absolute path such as /srv/demo, got {_show(value)}")
@@ -285,7 +292,8 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     "listen": {"addresses": _addresses},
     "workers": {"count": _integer(1, MAX_WORKERS), "app": _app_spec,
                 "command": _string_list("the program and its arguments", allow_empty=False),
-                "ready": _readiness, "ready_timeout": _seconds, "graceful_timeout": _seconds},
+                "ready": _readiness, "ready_timeout": _seconds, "graceful_timeout": _seconds,
+                "watchdog": _seconds_or_off},
     "upgrade": {"timeout": _seconds},
     "control": {"socket": _socket_path,
                 "allow_users": _string_list("user names", allow_empty=True),

@@ -54,7 +54,8 @@ class Master:
     def __init__(self, config: Config, listeners: list[Listener], notifier: Notifier, *,
                  generation: int = 1, release: str | None = None, bound_here: bool = True,
                  heir: Heir | None = None, argv: list[str] | None = None,
-                 control: socket.socket | None = None, control_owned: bool = True):
+                 control: socket.socket | None = None, control_owned: bool = True,
+                 fd_store: bool = False):
         self.config = config
         self.listeners = listeners
         self.systemd = notifier
@@ -67,6 +68,7 @@ class Master:
         self.argv = argv or ["run"]        # how the next generation is started from exec_path
         self.control_sock = control
         self.control_owned = control_owned
+        self.fd_store = fd_store           # our sockets were offered to systemd's fd store
         self.succession: Succession | None = None
         self.last_upgrade: Outcome | None = None
         self._aborted: Succession | None = None   # an upgrade aborted by a stop: it drains with us
@@ -147,6 +149,11 @@ class Master:
                 worker.status = fields["STATUS"]
             if fields.get("READY") == "1" and self.config.workers.ready.kind == "notify":
                 self._worker_ready(worker)
+            if fields.get("WATCHDOG") == "1" and self.config.workers.watchdog:
+                first = worker.last_ping is None
+                worker.last_ping = time.monotonic()
+                if first:
+                    self.timers.after(self.config.workers.watchdog, lambda w=worker: self._worker_watchdog(w))
 
     # ---- workers ----------------------------------------------------------------------------
 
@@ -161,6 +168,8 @@ class Master:
 
     def _spawn(self, slot: Slot) -> W.Worker | None:
         extra = {"CADENZA_GRACEFUL_TIMEOUT": str(self.config.workers.graceful_timeout)}
+        if self.config.workers.watchdog:
+            extra["WATCHDOG_USEC"] = str(int(self.config.workers.watchdog * 1e6))
         pid = W.spawn(self._argv(), worker_id=slot.id, generation=self.generation, app_name=self.name,
                       listeners=self.listeners, notify_address=self.inbox.address, cwd=self.release,
                       extra_env=extra, output_fd=self.heir.log_fd if self.heir is not None else None)
@@ -186,6 +195,19 @@ class Master:
             worker.failure = f"not ready within {self.config.workers.ready_timeout:g}s"
             log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
             _kill(worker.pid, signal.SIGKILL)
+
+    def _worker_watchdog(self, worker: W.Worker) -> None:
+        """A worker that once said WATCHDOG=1 must keep saying it (sd_watchdog_enabled(3))."""
+        if self.workers.get(worker.pid) is not worker or worker.state == "stopping":
+            return
+        timeout = self.config.workers.watchdog
+        silent = time.monotonic() - worker.last_ping
+        if silent < timeout:
+            self.timers.after(timeout - silent, lambda: self._worker_watchdog(worker))
+            return
+        worker.failure = f"sent no WATCHDOG=1 for {silent:.1f}s (workers.watchdog = {timeout:g})"
+        log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
+        _kill(worker.pid, signal.SIGKILL)
 
     def _worker_ready(self, worker: W.Worker) -> None:
         if worker.state != "booting":
@@ -487,7 +509,9 @@ class Master:
         signal.set_wakeup_fd(-1)
         # Socket paths go with the last generation only: never with one that hands over, nor
         # with a new one that failed before it was main (the old one still serves on them).
-        last = self.state == "stopping" and (self.heir is None or self.heir.main)
+        # Nor when systemd's fd store may hand the same sockets to the next start: their paths
+        # must still lead to them (a stale path is replaced at the next bind anyway).
+        last = self.state == "stopping" and (self.heir is None or self.heir.main) and not self.fd_store
         if self.control is not None:
             self.control.close()
             if last and self.control_owned:

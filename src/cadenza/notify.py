@@ -54,6 +54,21 @@ class Notifier:
             return False
         return True
 
+    def store_fds(self, named: list[tuple[int, str]]) -> bool:
+        """FDSTORE=1 (sd_pid_notify_with_fds(3)): systemd keeps each fd under its name and passes it
+        back in LISTEN_FDS/LISTEN_FDNAMES after a crash or restart, when FileDescriptorStoreMax=
+        allows; otherwise it ignores them. True when every message was delivered."""
+        if self._sock is None or self.muted:
+            return False
+        for fd, name in named:
+            try:
+                self._sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+                                   0, _sockaddr(self.address))
+            except OSError:
+                return False
+        return True
+
     def barrier(self) -> int | None:
         """sd_notify_barrier(3) without blocking: returns an fd that reaches EOF once systemd has
         processed everything sent before; None when it cannot be sent."""

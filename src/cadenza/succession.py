@@ -169,7 +169,8 @@ class Succession:
         env["LISTEN_FDNAMES"] = ":".join(name for _, name in named)
         env["CADENZA_GENERATION"] = str(self.generation)
         env["CADENZA_OWNS"] = ",".join(name for name, mine in (("listeners", self.host.bound_here),
-                                                               ("control", self.host.control_owned)) if mine)
+                                                               ("control", self.host.control_owned),
+                                                               ("fdstore", self.host.fd_store)) if mine)
         env["CADENZA_HANDOFF_FD"] = str(3 + len(named))
         env["CADENZA_LOG_FD"] = str(4 + len(named))
         if self.host.systemd.address:

@@ -18,7 +18,7 @@ from .listeners import LISTEN_FDS_START, Listener
 
 # Variables of the master's own that a worker must never see (DESIGN §4).
 PRIVATE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
-                     "WATCHDOG_USEC", "WATCHDOG_PID", "CADENZA_HANDOFF_FD")
+                     "WATCHDOG_USEC", "WATCHDOG_PID", "CADENZA_HANDOFF_FD", "FDSTORE")
 
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 10.0
@@ -39,6 +39,7 @@ class Worker:
     status: str = ""
     failure: str = ""               # why the master killed it, when it did
     restarts: int = 0
+    last_ping: float | None = None  # its last WATCHDOG=1
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.started
@@ -115,6 +116,8 @@ def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: st
         os.dup2(output_fd, 2)
     os.chdir(cwd)
     env["LISTEN_PID"] = str(os.getpid())
+    if "WATCHDOG_USEC" in env:
+        env["WATCHDOG_PID"] = str(os.getpid())
     os.execvpe(argv[0], argv, env)
 
 

@@ -1,0 +1,141 @@
+"""Faults under a real systemd 252: the fd store across restarts and crashes, hung workers,
+workers killed under load. Every client here counts what it sees; none may be refused."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from procs import CADENZA, children, free_port, get
+
+APP = "rel"
+
+
+def write_app(ns, port: int, extra_workers: str = "", unit_extra: str = "") -> None:
+    cfg = ns.state / "rel.toml"
+    cfg.write_text(f'[app]\nname = "{APP}"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
+                   f'[workers]\ncount = 2\nready_timeout = 10\ngraceful_timeout = 5\n{extra_workers}'
+                   f'[control]\nsocket = "{ns.state}/rel.sock"\n')
+    # No socket unit: cadenza binds, and FileDescriptorStoreMax= keeps its sockets across restarts.
+    # systemd 252 does not set $FDSTORE itself (254 does), so the unit says it.
+    ns.write_unit(f"{APP}.service", f"""[Service]
+Type=notify
+NotifyAccess=main
+KillMode=mixed
+ExecStart={CADENZA} run -c {cfg}
+Restart=on-failure
+RestartSec=0
+FileDescriptorStoreMax=8
+Environment=FDSTORE=8
+TimeoutStopSec=20
+{unit_extra}""")
+    ns.systemctl("daemon-reload", check=True)
+
+
+class Client:
+    """Sequential GETs on fresh connections from a thread; every failure is kept, by kind."""
+
+    def __init__(self, port: int):
+        self.port, self.ok, self.failures = port, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, _ = get(self.port, timeout=15)
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(status)
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                self.failures.append(repr(exc))
+
+    def stop(self) -> "Client":
+        self._stop.set()
+        self._thread.join()
+        return self
+
+
+def host_pid(ns, unit: str) -> int:
+    """MainPID is a pid of the namespace; the host pid is its NSpid's first entry."""
+    inner = ns.show(unit, "MainPID")["MainPID"]
+    cgroup = ns.show(unit, "ControlGroup")["ControlGroup"]
+    for pid in (ns.cgroup / cgroup.lstrip("/") / "cgroup.procs").read_text().split():
+        nspid = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                 if line.startswith("NSpid:")][0].split()
+        if nspid[-1] == inner:
+            return int(pid)
+    raise AssertionError(f"MainPID {inner} not in {cgroup}")
+
+
+def test_fd_store_keeps_the_sockets_across_restart_and_crash(systemd):
+    ns, port = systemd, free_port()
+    write_app(ns, port)
+    ns.systemctl("start", f"{APP}.service", check=True)
+    assert ns.show(f"{APP}.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "2"
+    client = Client(port)
+    try:
+        first = ns.show(f"{APP}.service", "MainPID")["MainPID"]
+        assert ns.systemctl("restart", f"{APP}.service").returncode == 0
+        second = ns.show(f"{APP}.service", "MainPID")["MainPID"]
+        assert second != first
+        os.kill(host_pid(ns, f"{APP}.service"), signal.SIGKILL)     # a crash
+        ns.wait_for(f"{APP}.service", "NRestarts", "1")
+        ns.wait_for(f"{APP}.service", "ActiveState", "active")
+        time.sleep(0.5)   # let the client run against the restarted service for a moment
+    finally:
+        client.stop()
+    assert client.failures == [] and client.ok > 0
+    journal = ns.journal("-o", "cat")
+    # The restarted masters adopted the stored sockets by name instead of binding new ones.
+    status = json.loads(ns.run(str(Path(CADENZA).parent / "supervisorctl"), "-s", f"{ns.state}/rel.sock",
+                               "status", "--json").stdout)
+    assert status["listeners"] == [f"127.0.0.1:{port}"]
+    assert journal.count("generation 1 starting 2 worker(s)") == 3
+
+
+def test_a_stopped_worker_that_pinged_is_replaced(systemd):
+    ns, port = systemd, free_port()
+    write_app(ns, port, extra_workers="watchdog = 1\n")
+    ns.systemctl("start", f"{APP}.service", check=True)
+    master = host_pid(ns, f"{APP}.service")
+    victim = children(master)[0]
+    os.kill(victim, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while victim in children(master) or len(children(master)) < 2:
+        assert time.monotonic() < deadline, ns.journal("-n", "30")
+        time.sleep(0.05)   # the master's own timer decides; nothing tells the test
+    assert "sent no WATCHDOG=1 for" in ns.journal("-o", "cat")
+    assert ns.show(f"{APP}.service", "ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "0"}
+    assert get(port)[0] == 200
+
+
+def test_random_workers_killed_under_load(systemd):
+    ns, port = systemd, free_port()
+    write_app(ns, port, extra_workers="")
+    ns.systemctl("start", f"{APP}.service", check=True)
+    master = host_pid(ns, f"{APP}.service")
+    client = Client(port)
+    rng = random.Random(7)
+    try:
+        for _ in range(10):
+            workers = children(master)
+            if workers:
+                os.kill(rng.choice(workers), signal.SIGKILL)
+            time.sleep(0.2)
+    finally:
+        client.stop()
+    ns.wait_for(f"{APP}.service", "StatusText", "generation 1 serving: 2/2 workers ready")
+    state = ns.show(f"{APP}.service", "ActiveState", "NRestarts", "MainPID")
+    assert state["ActiveState"] == "active" and state["NRestarts"] == "0"
+    # A request in flight on a worker killed by SIGKILL can fail; a new connection never does.
+    refused = [f for f in client.failures if "Refused" in f]
+    assert refused == [] and client.ok > 10
+    assert len(client.failures) <= 10
