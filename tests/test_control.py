@@ -284,3 +284,14 @@ def test_pin_refuses_a_directory_others_can_write(tmp_path):
     assert sorted(p.name for p in (root / "shared/bin").iterdir()) == ["cadenza", "supervisorctl"]  # no temp left
     out = subprocess.run([str(launcher), "--version"], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.startswith("cadenza ")
+
+
+def test_upgrade_refused_when_the_new_config_is_writable_by_others(app):
+    root, m = app
+    rel = root.release("r2")
+    root.switch("r2")
+    (rel / "cadenza.toml").chmod(0o646)
+    proc = root.ctl("upgrade")
+    assert proc.returncode == 1
+    assert "the new release's config is unsafe" in proc.stderr and "writable by others" in proc.stderr
+    assert status(root)["pid"] == m.pid

@@ -261,3 +261,12 @@ def test_no_zombies_after_many_worker_deaths(start):
         m.wait_status("3/3 workers ready")
     zombies = [c for c in children(m.pid) if not alive(c)]
     assert zombies == []
+
+
+def test_config_writable_by_others_is_refused(start, tmp_path):
+    cfg = write_config(tmp_path, "[workers]\ncount = 1\n")
+    cfg.chmod(0o666)
+    m = start("-c", str(cfg), "--bind", f"127.0.0.1:{free_port()}")
+    assert m.wait_exit() == 78
+    assert f"{cfg}: the config file is writable by others (mode 0666)" in m.log()
+    assert f"chmod o-w {cfg}" in m.log()

@@ -135,6 +135,10 @@ def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
     except C.ConfigError as exc:
         log.error("configuration refused, not starting:\n%s", exc)
         return EX_CONFIG
+    unsafe = C.check_file_safety(cfg.source, writers=0o002) if cfg.source else []
+    if unsafe:
+        log.error("configuration refused, not starting:\n%s", "\n".join(unsafe))
+        return EX_CONFIG
     release = resolve_release(cfg)
     if release is None:
         return EX_CONFIG

@@ -419,11 +419,13 @@ def override(config: Config, *, binds: list[str] | None = None, workers: int | N
 _WRITERS = {0o020: ("group", "g"), 0o002: ("others", "o"), 0o022: ("group and others", "go")}
 
 
-def check_file_safety(path: str | os.PathLike) -> list[str]:
+def check_file_safety(path: str | os.PathLike, writers: int = 0o022) -> list[str]:
     """Problems if anyone but the owner may change the config or swap it for another file.
 
     Whoever can write the config decides what the next generation execs, so a group- or
     world-writable file or directory hands the service account to that group or to everyone.
+    `writers` picks what counts: 0o022 group and others (`cadenza check`), 0o002 others only
+    (what `cadenza run` and an upgrade refuse).
     """
     file = Path(path)
     problems = []
@@ -434,7 +436,7 @@ def check_file_safety(path: str | os.PathLike) -> list[str]:
         except OSError as exc:
             problems.append(f"{target}: cannot check permissions of {what}: {exc.strerror or exc}")
             continue
-        who, flag = _WRITERS.get(mode & 0o022, (None, ""))
+        who, flag = _WRITERS.get(mode & writers, (None, ""))
         if who:
             problems.append(f"{target}: {what} is writable by {who} (mode {mode:04o}), so they could "
                             f"change what the service runs; run chmod {flag}-w {shlex.quote(str(target))}")

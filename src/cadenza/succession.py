@@ -86,6 +86,9 @@ def preflight(cfg: C.Config, argv: list[str], service_uid: int | None = None) ->
             C.load(config_path)
         except C.ConfigError as exc:
             raise UpgradeRefused(f"the new release's config is invalid:\n{exc}") from None
+        unsafe = C.check_file_safety(config_path, writers=0o002)
+        if unsafe:
+            raise UpgradeRefused("the new release's config is unsafe:\n" + "\n".join(unsafe))
     return Plan(str(exec_path), directory, release, config_path)
 
 
