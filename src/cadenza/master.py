@@ -35,7 +35,7 @@ EXIT_OK = 0
 EXIT_START_FAILED = 75   # sysexits EX_TEMPFAIL: the workers did not become ready
 HEIR_MAX_FAILURES = 5    # failed worker starts in a row that end an upgrade early
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGALRM)
 
 
 @dataclass
@@ -350,9 +350,14 @@ class Master:
     def on_chld(self) -> None:
         self._reap()
 
+    def on_unexpected(self) -> None:
+        # Their default action would end the master (and with it the service): never.
+        log.warning("ignored SIGUSR1/SIGALRM: cadenza gives them no meaning")
+
     SIGNAL_ACTIONS = {signal.SIGTERM: on_term, signal.SIGQUIT: on_term, signal.SIGINT: on_int,
                       signal.SIGHUP: on_hup, signal.SIGTTIN: on_ttin, signal.SIGTTOU: on_ttou,
-                      signal.SIGUSR2: on_usr2, signal.SIGCHLD: on_chld}
+                      signal.SIGUSR2: on_usr2, signal.SIGCHLD: on_chld,
+                      signal.SIGUSR1: on_unexpected, signal.SIGALRM: on_unexpected}
 
     # ---- upgrades ---------------------------------------------------------------------------
 
