@@ -66,7 +66,7 @@ if [ -n "${SDNS_OVERLAY:-}" ]; then
   R=/run/sdns-root UNIT_PATH=$UNIT_PATH:/lib/systemd/system
   mapfile -t mounts < <(while read -r _ _ _ _ p _; do printf '%b\n' "$p"; done \
                           < /proc/self/mountinfo | LC_ALL=C sort -u)  # parents first
-  mount -n -t tmpfs -o mode=0700 tmpfs /run  # the layers; /run is the same in steps 2 and 6
+  mount -n -t tmpfs -o mode=0700 tmpfs /run  # the layers and the new root's mount point
   mkdir "$R" /run/sdns-layers
   i=0
   for p in "${mounts[@]}"; do

@@ -26,10 +26,9 @@ import sdns
 REPO = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 VENV = "/opt/venvs/cadenza"
-# Debian's tools, never a pyenv shim or the test's venv.
-HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": os.environ.get("HOME", "/root")}
+# Debian's tools, never a pyenv shim or the test's venv (pip's settings and proxies pass).
+HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 INSIDE_ENV = dict(sdns.INNER_ENV, DEBIAN_FRONTEND="noninteractive")
-PIP_ENV = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}  # index, certificates
 CONFIG = """\
 [app]
 name = "demo"
@@ -50,16 +49,19 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def host(*cmd: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(HOST_ENV, **PIP_ENV))
+                          env=dict(env, PATH=HOST_PATH, LANG="C.UTF-8"))
 
 
 @pytest.fixture(scope="session")
 def deb(tmp_path_factory) -> Path:
     if os.environ.get("CADENZA_DEB"):
         return Path(os.environ["CADENZA_DEB"])
-    if not Path("/etc/debian_version").exists() or shutil.which("apt-get", path=HOST_ENV["PATH"]) is None:
+    if not Path("/etc/debian_version").exists() or shutil.which("apt-get", path=HOST_PATH) is None:
         pytest.skip("the package is built on Debian (apt-get, dpkg-buildpackage)")
+    if os.geteuid() != 0:
+        pytest.skip("build-deb.sh installs its build dependencies: root only (or set CADENZA_DEB)")
     out = tmp_path_factory.mktemp("deb")
     t0 = time.monotonic()
     build = host("bash", str(REPO / "packaging" / "build-deb.sh"), str(out), timeout=900)
@@ -157,7 +159,9 @@ def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, 
         debs = "/run/sdns"
 
         # Debian's supervisor first (kept from starting: only its files matter here).
-        sh(ns, "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d")
+        # No man-db trigger either (it reindexes every manual page: seconds).
+        sh(ns, "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; "
+               "rm -f /var/lib/man-db/auto-update")
         sh(ns, "dpkg -i " + " ".join(f"{debs}/{d.name}" for d in supervisor_debs), timeout=120)
         sh(ns, "rm /usr/sbin/policy-rc.d")
 
@@ -175,7 +179,8 @@ def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, 
 
         # An app, as DESIGN §1 has it; a pinned launcher into the package's venv.
         deploy(ns, "1")
-        sh(ns, f"cadenza pin --root /srv/demo --python {VENV}/bin/python")
+        # --unit: the pinned supervisorctl would otherwise ask systemd about demo.service.
+        sh(ns, f"cadenza pin --root /srv/demo --python {VENV}/bin/python --unit cadenza@demo")
         sh(ns, "systemctl enable --now cadenza@demo.socket")
         assert ns.show("cadenza@demo.service", "FragmentPath") == {
             "FragmentPath": "/lib/systemd/system/cadenza@.service"}
@@ -192,10 +197,16 @@ def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, 
         assert props["StatusText"].startswith("generation 2 serving"), props
         reply = sh(ns, f"python3 -c \"{GET}\"")
         assert re.fullmatch(r"hello from cadenza worker \d gen 2 pid \d+ release /srv/demo/releases/2\n", reply)
+        # The unit's state comes over pystemd, which the package compiled.
         status = sh(ns, "/srv/demo/shared/bin/supervisorctl status")
         assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
+        assert f"ActiveState=active SubState=running MainPID={props['MainPID']} " in status, status
 
         sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
+        # Drained, not killed: the heir is not an alien MainPID to systemd (KillMode=mixed).
+        assert ns.show("cadenza@demo.service", "ActiveState", "Result") == {
+            "ActiveState": "inactive", "Result": "success"}
+        assert "SIGKILL" not in ns.journal("-u", "cadenza@demo.service")
         sh(ns, "systemctl disable cadenza@demo.socket")
         sh(ns, "apt-get purge -y cadenza", timeout=120)
         gone = ns.run("dpkg", "-L", "cadenza", env=INSIDE_ENV)

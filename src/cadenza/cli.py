@@ -129,7 +129,11 @@ def cmd_pin(args) -> int:
 
 
 def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
-    logs.setup("master")
+    # Titled before anything touches the environment: setproctitle finds the memory it may
+    # overwrite (argv, then environ) on its first call, and an edited environ can defeat that.
+    setproctitle.setproctitle("cadenza master")
+    log_fd = os.environ.get("CADENZA_LOG_FD", "")
+    logs.setup("master", final_fd=int(log_fd) if log_fd.isdigit() else None)
     try:
         cfg = load_config(args, command)
     except C.ConfigError as exc:

@@ -13,13 +13,13 @@ import sys
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
-def stderr_is_journal(stream=None) -> bool:
+def stderr_is_journal(fd: int | None = None) -> bool:
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")
     if not sep:
         return False
     try:
-        st = os.fstat((stream or sys.stderr).fileno())
+        st = os.fstat(sys.stderr.fileno() if fd is None else fd)
         return st.st_dev == int(dev) and st.st_ino == int(ino)
     except (OSError, ValueError):
         return False
@@ -32,10 +32,13 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
-def setup(tag: str, level: int = logging.INFO) -> None:
-    """Send every logger's records to stderr; `tag` names the process (e.g. "master")."""
+def setup(tag: str, level: int = logging.INFO, final_fd: int | None = None) -> None:
+    """Send every logger's records to stderr; `tag` names the process (e.g. "master").
+
+    `final_fd` is where stderr will point later (a new generation writes through its
+    predecessor until it is ready): the format is chosen for that destination."""
     handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
+    if stderr_is_journal(final_fd):
         handler.setFormatter(JournalFormatter(f"{tag}[%(process)d]: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter(
