@@ -113,6 +113,7 @@ def describe(master) -> dict:
         "graceful_timeout": master.config.workers.graceful_timeout,
         "current": os.path.realpath(master.config.directory) if master.config.directory else None,
         "pinned_problem": _pinned_problem(master.config),
+        "systemd_unit": own_unit(),
     }
     succession = master.succession
     if succession is not None:
@@ -127,4 +128,17 @@ def _pinned_problem(config) -> str | None:
         preflight.check_pinned_path(config.exec_path, os.geteuid()) if config.exec_path else None
     except preflight.UpgradeRefused as exc:
         return str(exc)
+    return None
+
+
+def own_unit() -> str | None:
+    """The service unit this master runs in, from its cgroup (…/system.slice/APP.service)."""
+    try:
+        text = open("/proc/self/cgroup").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name = line.rsplit("/", 1)[-1]
+        if name.endswith(".service"):
+            return name
     return None

@@ -108,7 +108,8 @@ def pin(root: Path, python: str | None = None, socket: str | None = None, unit: 
     if reason:
         raise PinError(f"refusing to pin into {bindir}: {reason}")
     py = shared_python(root, python)
-    ctl_args = ["-s", socket or str(cfg.control_socket), "-u", unit or cfg.app.name]
+    # Without --unit, supervisorctl asks the master which unit it runs in.
+    ctl_args = ["-s", socket or str(cfg.control_socket), *(["-u", unit] if unit else [])]
     written = []
     for program, module, extra in (("cadenza", "cadenza", []),
                                    ("supervisorctl", "cadenza.supervisorctl", ctl_args)):

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--socket", metavar="SOCKET", help="control socket path")
     p.add_argument("-c", "--config", metavar="FILE", help="read control.socket from this cadenza.toml")
-    p.add_argument("-u", "--unit", metavar="UNIT", help="the systemd unit (for its state, and its socket)")
+    p.add_argument("-u", "--unit", metavar="UNIT", help="the systemd unit (default: the one the master "
+                                                        "runs in; also picks /run/cadenza/NAME/control.sock)")
     sub = p.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="generations, workers, releases, last upgrade, unit state")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
@@ -108,15 +109,15 @@ def request(path: Path, message: dict, timeout: float | None):
 
 def doctor(args) -> int:
     from .doctor import diagnose
-    unit = args.unit
-    if not unit:
-        raise Failure(USAGE, "doctor needs the unit: -u UNIT (the pinned supervisorctl knows it)")
     status = None
     try:
         for event in request(socket_path(args), {"cmd": "status"}, 10):
             status = event.get("status")
     except Failure as exc:
         print(f"note: {exc} (checking the unit only)")
+    unit = args.unit or (status or {}).get("systemd_unit")
+    if not unit:
+        raise Failure(USAGE, "doctor needs the unit: -u UNIT (the master runs in none it could name)")
     findings, props = diagnose(unit, status)
     for problem, fix in findings:
         print(f"PROBLEM {problem}\n    fix: {fix}")
@@ -143,8 +144,9 @@ def run(args) -> int:
             continue
         if args.command == "status":
             status = event.get("status", {})
-            if args.unit:
-                status["unit"] = unit_state(args.unit)
+            unit = args.unit or status.get("systemd_unit")
+            if unit:
+                status["unit"] = unit_state(unit)
             print(json.dumps(status, indent=2) if args.json else format_status(status))
         elif event.get("text") and not event["ok"]:
             print(event["text"], file=sys.stderr)
