@@ -88,6 +88,13 @@ mount -n -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
 mkdir "$R/run/sdns" "$R/run/sdns-empty" "$R/run/sdns-dev"
 mount -n --bind "$STATE" "$R/run/sdns"
 mount -n -o remount,bind,rw "$R/run/sdns"
+# The checkout and its venv (SDNS_SHARE), read-only at their own paths even when they live where
+# a tmpfs is about to go (a clone under /tmp): parked under /run first, put back after.
+IFS=: read -r -a shares <<< "${SDNS_SHARE:-}"
+for i in "${!shares[@]}"; do
+  mkdir "$R/run/sdns-share-$i"
+  mount -n --bind "${shares[$i]}" "$R/run/sdns-share-$i"
+done
 for d in /tmp /var/tmp; do mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R$d"; done
 for d in /var/log /var/lib/systemd /etc/systemd/system ${SDNS_EXTRA_TMPFS:-}; do
   mount -n -t tmpfs -o mode=0755 tmpfs "$R$d"
@@ -95,6 +102,12 @@ done
 mkdir -p "$R$STATE"
 mount -n --bind "$R/run/sdns" "$R$STATE"
 mount -n -o remount,bind,rw "$R$STATE"
+for i in "${!shares[@]}"; do
+  mkdir -p "$R${shares[$i]}"
+  mount -n --bind "$R/run/sdns-share-$i" "$R${shares[$i]}"
+  mount -n -o remount,bind,ro "$R${shares[$i]}"
+  umount -n "$R/run/sdns-share-$i" && rmdir "$R/run/sdns-share-$i"
+done
 # 3. Our own /proc; /proc/sys read-only, or PID 1 bumps the host's fs.file-max and fs.nr_open.
 mount -n -t proc -o nosuid,nodev,noexec proc "$R/proc"
 for p in "$R/proc/sys" "$R/proc/sysrq-trigger"; do
@@ -175,6 +188,16 @@ def cgroup2_base() -> Path | None:
             if fstype == "cgroup2" and fields[4] in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
                 return Path(fields[4])
     return None
+
+
+def shared_paths() -> list[str]:
+    """The checkout (tests/..) and the venv running the tests: services under test run from them,
+    wherever CI cloned the repository."""
+    paths = []
+    for p in (Path(__file__).resolve().parent.parent, Path(sys.prefix).resolve()):
+        if p.is_dir() and ":" not in str(p) and not any(str(p).startswith(q + "/") or str(p) == q for q in paths):
+            paths.append(str(p))
+    return paths
 
 
 def available() -> tuple[bool, str]:
@@ -369,7 +392,7 @@ class SystemdNS:
                "/bin/bash", str(self.state / "inner.sh"), str(self.state), console,
                self.log_level]
         env = dict(INNER_ENV, SDNS_EXTRA_TMPFS=" ".join(self.extra_tmpfs),
-                   SDNS_OVERLAY="1" if self.overlay else "")
+                   SDNS_OVERLAY="1" if self.overlay else "", SDNS_SHARE=":".join(shared_paths()))
         procs, parent = str(self.cgroup / "cgroup.procs"), os.getpid()
         try:
             self._unshare = subprocess.Popen(
@@ -488,6 +511,7 @@ class SystemdNS:
 
     def write_unit(self, name: str, text: str) -> Path:
         path = self.state / "units" / name
+        path.parent.mkdir(parents=True, exist_ok=True)   # drop-ins: NAME.service.d/x.conf
         path.write_text(text)
         return path
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import sdns
+
 from procs import VENV_BIN, free_port, get
 
 CADENZA = str(VENV_BIN / "cadenza")
@@ -64,6 +66,11 @@ def install(ns, root: Root) -> dict[str, str]:
     units = {name: (out / name).read_text() for name in (f"{APP}.service", f"{APP}.socket")}
     for name, text in units.items():
         ns.write_unit(name, text)
+    # The shipped hardening hides /tmp, /var/tmp, /home and /root from the service; a checkout
+    # (and so the venv the service runs from) that CI placed there is bound back in, read-only.
+    hidden = [p for p in sdns.shared_paths() if p.startswith(("/tmp/", "/var/tmp/", "/home/", "/root/"))]
+    if hidden:
+        ns.write_unit(f"{APP}.service.d/checkout.conf", f"[Service]\nBindReadOnlyPaths={' '.join(hidden)}\n")
     ns.systemctl("daemon-reload", check=True)
     ns.systemctl("start", f"{APP}.socket", check=True)
     return units
