@@ -200,6 +200,13 @@ def shared_paths() -> list[str]:
     return paths
 
 
+def hardening_dropin() -> str | None:
+    """A drop-in that binds the checkout back for a unit whose PrivateTmp=/ProtectHome= would hide
+    it (CI may clone under /tmp or /root); None when nothing is hidden."""
+    hidden = [p for p in shared_paths() if p.startswith(("/tmp/", "/var/tmp/", "/home/", "/root/"))]
+    return f"[Service]\nBindReadOnlyPaths={' '.join(hidden)}\n" if hidden else None
+
+
 def available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "sdns needs root (namespaces, mounts, cgroup2 directories)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import sdns
 from procs import VENV_BIN
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -20,6 +21,8 @@ def test_readme_deploy_flow_runs_as_written(systemd_factory):
     # A private network namespace, so the block's 127.0.0.1:8000 never meets the host's; /srv is
     # a tmpfs of the namespace, so the block writes nothing on the host.
     with systemd_factory(net="private", extra_tmpfs=("/srv",)) as ns:
+        if dropin := sdns.hardening_dropin():   # see test_systemd_units.install
+            ns.write_unit("demo.service.d/checkout.conf", dropin)
         script = "set -euo pipefail\n" + deploy_block()
         env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"}
         proc = ns.run("/bin/bash", "-c", script, env=env, timeout=120)

@@ -68,9 +68,8 @@ def install(ns, root: Root) -> dict[str, str]:
         ns.write_unit(name, text)
     # The shipped hardening hides /tmp, /var/tmp, /home and /root from the service; a checkout
     # (and so the venv the service runs from) that CI placed there is bound back in, read-only.
-    hidden = [p for p in sdns.shared_paths() if p.startswith(("/tmp/", "/var/tmp/", "/home/", "/root/"))]
-    if hidden:
-        ns.write_unit(f"{APP}.service.d/checkout.conf", f"[Service]\nBindReadOnlyPaths={' '.join(hidden)}\n")
+    if dropin := sdns.hardening_dropin():
+        ns.write_unit(f"{APP}.service.d/checkout.conf", dropin)
     ns.systemctl("daemon-reload", check=True)
     ns.systemctl("start", f"{APP}.socket", check=True)
     return units
