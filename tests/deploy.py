@@ -40,20 +40,21 @@ from urllib.parse import parse_qs
 {body}
 
 def app(environ, start_response):
-    seconds = float(parse_qs(environ["QUERY_STRING"]).get("s", ["1"])[0])
+    query = parse_qs(environ["QUERY_STRING"])
     text = f"release {tag} pid {{os.getpid()}}\\n".encode()
-    if environ["PATH_INFO"] == "/stream":   # headers and a first chunk now, the rest later
+    if environ["PATH_INFO"] == "/stream":   # headers and a first line now, the rest once GATE exists
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return stream(text, seconds)
+        return stream(text, query["gate"][0])
     if environ["PATH_INFO"] == "/slow":
-        time.sleep(seconds)
+        time.sleep(float(query.get("s", ["1"])[0]))
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(text)))])
     return [text]
 
 
-def stream(text, seconds):
+def stream(text, gate):
     yield text
-    time.sleep(seconds)
+    while not os.path.exists(gate):
+        time.sleep(0.01)
     yield b"end\\n"
 '''
 
@@ -124,8 +125,7 @@ class AppRoot:
         return doomed
 
     def pin(self) -> None:
-        subprocess.run([str(PROJECT_VENV / "bin" / "cadenza"), "pin", "--root", str(self.root)],
-                       check=True, capture_output=True)
+        subprocess.run([str(PROJECT_VENV / "bin" / "cadenza"), "pin", "--root", str(self.root)], check=True)
 
     def units(self) -> dict[str, str]:
         bin_dir = self.root / "shared" / "bin"

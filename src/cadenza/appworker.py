@@ -42,6 +42,15 @@ EXIT_APP_ERROR = 3
 
 class DrainingH11Protocol(H11Protocol):
     draining = False
+    # Set once the server starts its shutdown. asyncio may have accepted a connection whose
+    # connection_made() runs only after uvicorn told every known connection to shut down; such
+    # a late one must drain too, or it keeps serving until the graceful timeout cuts it.
+    server_draining = False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if DrainingH11Protocol.server_draining:
+            self.shutdown()
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -62,11 +71,12 @@ class DrainingH11Protocol(H11Protocol):
         cycle.send = send_closing_when_draining
 
     def shutdown(self) -> None:
+        # Nothing is cut here. A response not yet started goes out with "Connection: close" (see
+        # _wrap_send); one whose headers already promised keep-alive completes, and the request
+        # that follows on its connection is answered with "Connection: close"; a connection
+        # that stays idle through the grace is closed.
         self.draining = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
-        else:
-            self.loop.call_later(IDLE_GRACE, self._close_if_idle)
+        self.loop.call_later(IDLE_GRACE, self._close_if_idle)
 
     def _close_if_idle(self, waited: float = 0.0) -> None:
         if self.transport.is_closing():
@@ -97,6 +107,10 @@ class NotifyingServer(uvicorn.Server):
             usec = os.environ.get("WATCHDOG_USEC", "")
             if usec.isdigit() and int(usec) > 0:
                 self._ping(int(usec) / 2e6)
+
+    async def shutdown(self, sockets=None) -> None:
+        DrainingH11Protocol.server_draining = True
+        await super().shutdown(sockets=sockets)
 
     def _ping(self, interval: float) -> None:
         # From the event loop itself: a loop that is stuck (or a stopped process) stops pinging.

@@ -263,6 +263,12 @@ class ControlServer:
         log.info("control: %s from %s", cmd, client.describe())
         self.host.control_command(client, cmd, request)
 
+    def stop_accepting(self) -> None:
+        try:
+            self.host.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+
     def close(self) -> None:
         for client in list(self.clients.values()):
             client.close()

@@ -98,10 +98,8 @@ class Master:
         self._install_signals()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.selector.register(self.inbox.sock, selectors.EVENT_READ, self._on_notify)
-        if self.control_sock is not None:
-            c = self.config.control
-            self.control = control.ControlServer(self, self.control_sock,
-                                                 control.Access(c.allow_users, c.allow_groups, c.status_groups))
+        if self.control_sock is not None and self.heir is None:
+            self._serve_control()
         log.info("generation %d starting %d worker(s) in %s on %s", self.generation,
                  self.config.workers.count, self.release, ", ".join(l.describe() for l in self.listeners))
         for slot_id in range(1, self.config.workers.count + 1):
@@ -114,11 +112,28 @@ class Master:
         self._publish_status()
         while self.exit_code is None:
             for key, _ in self.selector.select(self.timers.timeout()):
-                key.data()
+                # A handler earlier in this batch may have closed this fd (an upgrade that
+                # failed closes its channel and its output pipe at once): skip it then.
+                if self.selector.get_map().get(key.fd) is key:
+                    self._dispatch(key.data)
             self.timers.fire_due()
         self._check_waits()
         self._cleanup()
         return self.exit_code
+
+    def _serve_control(self) -> None:
+        """Only the main master answers the control socket: both generations hold it during an
+        upgrade, and a request must reach the one that can act on it."""
+        c = self.config.control
+        self.control = control.ControlServer(self, self.control_sock,
+                                             control.Access(c.allow_users, c.allow_groups, c.status_groups))
+
+    def _dispatch(self, handler: Callable[[], None]) -> None:
+        try:
+            handler()
+        except Exception:
+            # One bad event must not take the service down with the master: log it loudly.
+            log.exception("internal error while handling an event; the master carries on")
 
     def _install_signals(self) -> None:
         self._wake_r.setblocking(False)
@@ -409,6 +424,8 @@ class Master:
                  outcome.pid, len(self.workers))
         self.systemd.muted = True      # not main any more: systemd would refuse what we said
         self.state = "leaving"
+        if self.control is not None:
+            self.control.stop_accepting()   # new requests go to the new main; ours finish
         self._drain(signal.SIGTERM)
 
     def successor_exited(self, succession: Succession) -> None:
@@ -421,6 +438,8 @@ class Master:
             self.selector.unregister(self.heir.chan)
             self.systemd.muted = False
             log.info("generation %d is main", self.generation)
+            if self.control_sock is not None:
+                self._serve_control()
             self.last_upgrade = Outcome(True, self.generation, "became main", os.getpid(), [],
                                         self.started, time.monotonic())
             self._last_status = ""

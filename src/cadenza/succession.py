@@ -191,6 +191,8 @@ class Succession:
             watcher(message)
 
     def _on_output(self) -> None:
+        if self._out_r is None:
+            return
         try:
             data = os.read(self._out_r, 65536)
         except BlockingIOError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -19,6 +20,7 @@ from .control import DENIED, FAILED, OK, UNREACHABLE, USAGE
 
 EPILOG = """exit codes: 0 done; 1 the operation failed (for upgrade: the old generation is still
 serving); 2 usage or config error; 3 cannot reach the master; 4 permission denied.
+SIGTERM ends the wait with 0 (systemd sends it to ExecReload= when the service stops).
 
 The control socket is -s SOCKET, else control.socket of -c FILE, else /run/cadenza/NAME/control.sock
 for -u NAME[.service], else $CADENZA_CONTROL_SOCKET, else that of ./cadenza.toml."""
@@ -188,7 +190,18 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
+class Terminated(Exception):
+    pass
+
+
+def _on_term(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    # systemd SIGTERMs ExecReload= when the service stops during an upgrade; the master then
+    # abandons the upgrade itself. Exiting non-zero would mark an operator's stop as failed.
+    signal.signal(signal.SIGTERM, _on_term)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
@@ -200,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return FAILED
+    except Terminated:
+        print("supervisorctl: stopped waiting (SIGTERM); the master carries the operation on or "
+              "abandons it: see `supervisorctl status`", file=sys.stderr)
+        return OK
 
 
 if __name__ == "__main__":
