@@ -143,3 +143,12 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def accepted(port: int, client_port: int) -> bool:
+    """Has a worker accept()ed our connection?  A queued one has no socket inode yet."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port:
+            return f[9] != "0"
+    return False

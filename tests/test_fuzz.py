@@ -8,7 +8,7 @@ import signal
 import socket
 import string
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cadenza import config

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from pathlib import Path

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from procs import CADENZA, alive, children, cmdline, cpu_seconds, free_port, get
+from procs import CADENZA, accepted, alive, children, cmdline, cpu_seconds, free_port, get
 from units import config_toml, service_unit, socket_unit
 
 APP = "web"
@@ -81,14 +81,6 @@ def journal_lines(ns, text: str, *args: str) -> list[str]:
         return any(text in line for line in found) and found
     return poll(lines, what=f"journal line {text!r}")
 
-
-def accepted(port: int, client_port: int) -> bool:
-    """Has a worker accept()ed our connection?  A queued one has no socket inode yet."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port:
-            return f[9] != "0"
-    return False
 
 
 def test_first_connection_starts_it_and_active_means_all_workers_ready(systemd):

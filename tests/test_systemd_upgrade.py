@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from deploy import AppRoot
-from procs import alive, children, free_port, get
+from procs import accepted, alive, children, free_port, get
 
 APP = "web"
 UNIT = f"{APP}.service"
@@ -154,14 +154,6 @@ def journal_has(ns, text: str) -> str:
     # journald reads streams asynchronously: a line written before systemctl returned may lag.
     return poll(lambda: text in (j := ns.journal("-o", "cat")) and j, what=f"journal line {text!r}")
 
-
-def accepted(port: int, client_port: int) -> bool:
-    """Has a worker accept()ed our connection?  A queued one has no socket inode yet."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port:
-            return f[9] != "0"
-    return False
 
 
 def slow_request(port: int, seconds: float) -> Future:

@@ -190,19 +190,20 @@ class Succession:
         for watcher in list(self.watchers):
             watcher(message)
 
-    def _on_output(self) -> None:
+    def _on_output(self) -> bool:
+        """Relay what N+1 wrote; False when there is nothing more to read now."""
         if self._out_r is None:
-            return
+            return False
         try:
             data = os.read(self._out_r, 65536)
         except BlockingIOError:
-            return
+            return False
         if not data:
             self._close_output()
-            return
+            return False
         os.write(2, data)   # relayed as is: N+1's lines are already formatted for the journal
-        for line in data.decode(errors="replace").splitlines():
-            self.output.append(line)
+        self.output.extend(data.decode(errors="replace").splitlines())
+        return True
 
     def _close_output(self) -> None:
         if self._out_r is not None:
@@ -322,16 +323,8 @@ class Succession:
             self._barrier_r = None
 
     def _drain_output(self) -> None:
-        while self._out_r is not None:
-            try:
-                data = os.read(self._out_r, 65536)
-            except BlockingIOError:
-                return
-            if not data:
-                self._close_output()
-                return
-            os.write(2, data)
-            self.output.extend(data.decode(errors="replace").splitlines())
+        while self._on_output():
+            pass
 
     def abort(self, sig: int = signal.SIGTERM) -> None:
         """The service is stopping: N+1 (not main yet) drains and exits with it."""
