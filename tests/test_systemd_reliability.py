@@ -85,13 +85,21 @@ def test_fd_store_keeps_the_sockets_across_restart_and_crash(systemd):
         assert ns.systemctl("restart", f"{APP}.service").returncode == 0
         second = ns.show(f"{APP}.service", "MainPID")["MainPID"]
         assert second != first
+    finally:
+        client.stop()
+    assert client.failures == [] and client.ok > 0      # a restart drains: nothing fails
+    client = Client(port)
+    try:
         os.kill(host_pid(ns, f"{APP}.service"), signal.SIGKILL)     # a crash
         ns.wait_for(f"{APP}.service", "NRestarts", "1")
         ns.wait_for(f"{APP}.service", "ActiveState", "active")
         time.sleep(0.5)   # let the client run against the restarted service for a moment
     finally:
         client.stop()
-    assert client.failures == [] and client.ok > 0
+    # A crash takes the requests its workers held (systemd kills them with the unit), but a new
+    # connection is never refused: the listening socket lives on in the fd store.
+    assert [f for f in client.failures if "Refused" in f] == [] and len(client.failures) <= 2
+    assert client.ok > 0
     journal = ns.journal("-o", "cat")
     # The restarted masters adopted the stored sockets by name instead of binding new ones.
     status = json.loads(ns.run(str(Path(CADENZA).parent / "supervisorctl"), "-s", f"{ns.state}/rel.sock",
