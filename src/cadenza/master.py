@@ -446,9 +446,13 @@ class Master:
             self._publish_status()
             if self._watchdog_interval:
                 self.systemd.send(watchdog=1)
+        elif what == "stop":
+            self.selector.unregister(self.heir.chan)
+            log.info("the service is stopping during the upgrade: generation %d stops too", self.generation)
+            self._begin_stop(signal.SIGTERM, exit_code=EXIT_OK)
         elif what == "closed":
             self.selector.unregister(self.heir.chan)
-            if not self.heir.main:
+            if not self.heir.main and self.state != "stopping":
                 log.error("the previous generation went away before making generation %d main; stopping",
                           self.generation)
                 self._begin_stop(signal.SIGTERM, exit_code=1)

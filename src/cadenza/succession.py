@@ -11,7 +11,8 @@ Invariants:
 - On any failure N+1's whole process group is killed and N keeps serving.
 
 The channel between the two masters is a socketpair (CADENZA_HANDOFF_FD) carrying lines:
-N+1 -> N: "progress TEXT", "ready", "failed REASON";  N -> N+1: "main".
+N+1 -> N: "progress TEXT", "ready", "failed REASON";  N -> N+1: "main", or "stop" when the
+service stops during the upgrade.
 N+1's own output goes through a pipe to N until it is ready, so a failed upgrade can report
 its last lines; its workers write straight to the service's log (CADENZA_LOG_FD).
 """
@@ -330,8 +331,12 @@ class Succession:
         """The service is stopping: N+1 (not main yet) drains and exits with it."""
         if self.state in ("starting", "handing-over"):
             self.state = "failed"
-            self._finish()
+            try:
+                self._chan.sendall(b"stop\n")   # so N+1 stops as told, not as orphaned
+            except (OSError, AttributeError):
+                pass
             _kill(self.pid, sig)
+            self._finish()
             self.host.succession_done(self.outcome(False, "the service is stopping"))
 
     def outcome(self, ok: bool, reason: str = "") -> Outcome:
@@ -449,7 +454,7 @@ class Heir:
         self.say("ready")
 
     def read(self) -> str | None:
-        """Returns "main", "closed" or None (nothing complete yet)."""
+        """Returns "main", "stop", "closed" or None (nothing complete yet)."""
         try:
             data = self.chan.recv(4096)
         except BlockingIOError:
@@ -460,6 +465,8 @@ class Heir:
         if b"main\n" in self._buffer:
             self.main = True
             return "main"
+        if b"stop\n" in self._buffer:
+            return "stop"
         return None
 
     def close(self) -> None:
