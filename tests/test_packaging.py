@@ -58,10 +58,12 @@ def host(*cmd: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.
 def deb(tmp_path_factory) -> Path:
     if os.environ.get("CADENZA_DEB"):
         return Path(os.environ["CADENZA_DEB"])
+    # Where CI runs (CADENZA_REQUIRE_SYSTEMD=1: Debian, root) the package must be built and tested.
+    give_up = pytest.fail if os.environ.get("CADENZA_REQUIRE_SYSTEMD") == "1" else pytest.skip
     if not Path("/etc/debian_version").exists() or shutil.which("apt-get", path=HOST_PATH) is None:
-        pytest.skip("the package is built on Debian (apt-get, dpkg-buildpackage)")
+        give_up("the package is built on Debian (apt-get, dpkg-buildpackage)")
     if os.geteuid() != 0:
-        pytest.skip("build-deb.sh installs its build dependencies: root only (or set CADENZA_DEB)")
+        give_up("build-deb.sh installs its build dependencies: root only (or set CADENZA_DEB)")
     out = tmp_path_factory.mktemp("deb")
     t0 = time.monotonic()
     build = host("bash", str(REPO / "packaging" / "build-deb.sh"), str(out), timeout=900)
