@@ -371,3 +371,41 @@ def test_later_generations_log_to_the_journal_like_the_first(systemd, site, hamm
     assert not [line for line in lines if DATE.search(line)][:3]
     assert "refused: pinned path" in systemd.journal("-o", "cat", "-t", "cadenza", "-p", "err")
     assert set(hammer.check()) == {"release r1", "release r2"}
+
+
+def test_old_master_killed_after_mainpid_leaves_a_defined_state(systemd, site, hammer):
+    """SIGKILL of master N after MAINPID= went to N+1, while N still drains: N+1 is main and
+    serves, N's workers drain by themselves (PDEATHSIG gives them SIGTERM), nothing fails."""
+    old_inner, old_master = main_pid(systemd)
+    site.deploy("r2")
+    slow = [slow_request(site.port, 2) for _ in range(2)]   # keep generation 1 draining a while
+    reload = systemd.popen("systemctl", "reload", APP, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    poll(lambda: systemd.show(UNIT, "MainPID")["MainPID"] != old_inner, what="MAINPID hand-over")
+    os.kill(old_master, signal.SIGKILL)
+    for answered in (s.result(timeout=30) for s in slow):
+        assert answered["status"] == 200 and answered["body"].startswith("release r1 "), answered
+    reload.wait(timeout=30)       # its connection died with master N: the exit code says nothing
+    props = systemd.show(UNIT, "ActiveState", "NRestarts")
+    assert props == {"ActiveState": "active", "NRestarts": "0"}, systemd.journal("-o", "cat", "-n", "30")
+    assert answer(site) == "release r2"
+    assert status(site)["generation"] == 2
+    assert set(hammer.check()) <= {"release r1", "release r2"}
+
+
+def test_old_master_killed_while_the_next_one_boots(systemd, site):
+    """SIGKILL of master N between the fork and N+1's readiness: the main process is gone, so
+    systemd fails the unit and Restart=on-failure starts it again from `current`, while the
+    socket unit queues connections: none is refused."""
+    old_inner, old_master = main_pid(systemd)
+    site.deploy("r2", app_body="time.sleep(2)")
+    assert systemd.systemctl("reload", "--no-block", APP).returncode == 0
+    poll(lambda: heir(systemd, site), what="gen 2 master")
+    os.kill(old_master, signal.SIGKILL)
+    # A connection right after the kill is answered by a draining r1 worker, or waits in the
+    # socket's queue for the restarted service; either way it is not refused.
+    status_code, body = get(site.port, timeout=60)
+    assert status_code == 200 and body.startswith(("release r1 ", "release r2 ")), body
+    systemd.wait_for(UNIT, "NRestarts", "1", timeout=30)
+    systemd.wait_for(UNIT, "ActiveState", "active", timeout=30)
+    assert answer(site) == "release r2"
+    assert systemd.show(UNIT, "MainPID")["MainPID"] != old_inner
