@@ -146,6 +146,7 @@ class AppRoot:
             TimeoutStartSec={max(reload_budget, int(self.workers['ready_timeout']) + 10)}
             TimeoutStopSec={int(self.workers['graceful_timeout']) + 10}
             Restart=on-failure
+            RestartPreventExitStatus=64 73 78
             """
         sock = f"[Socket]\nListenStream=127.0.0.1:{self.port}\n"
         return {f"{self.name}.service": textwrap.dedent(service), f"{self.name}.socket": sock}

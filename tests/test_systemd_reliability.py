@@ -10,16 +10,21 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from procs import CADENZA, children, free_port, get
 
 APP = "rel"
+# The shipped unit's list of exit codes that a restart would not heal.
+SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "units" / "cadenza@.service"
+PREVENT = [line for line in SHIPPED_UNIT.read_text().splitlines() if line.startswith("RestartPreventExitStatus=")][0]
 
 
-def write_app(ns, port: int, extra_workers: str = "", unit_extra: str = "") -> None:
+def write_app(ns, port: int, extra_workers: str = "", unit_extra: str = "", control: str = "") -> None:
     cfg = ns.state / "rel.toml"
     cfg.write_text(f'[app]\nname = "{APP}"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
                    f'[workers]\ncount = 2\nready_timeout = 10\ngraceful_timeout = 5\n{extra_workers}'
-                   f'[control]\nsocket = "{ns.state}/rel.sock"\n')
+                   f'[control]\nsocket = "{control or ns.state / "rel.sock"}"\n')
     # No socket unit: cadenza binds, and FileDescriptorStoreMax= keeps its sockets across restarts.
     # systemd 252 does not set $FDSTORE itself (254 does), so the unit says it.
     ns.write_unit(f"{APP}.service", f"""[Service]
@@ -146,3 +151,42 @@ def test_random_workers_killed_under_load(systemd):
     refused = [f for f in client.failures if "Refused" in f]
     assert refused == [] and client.ok > 10
     assert len(client.failures) <= 10
+
+
+def _fill(ns, directory: Path) -> None:
+    """A tmpfs of 4 inodes at `directory`, then files until it has none left."""
+    directory.mkdir()
+    assert ns.run("mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=4", "tmpfs", str(directory)).returncode == 0
+    ns.run("sh", "-c", f'i=0; while touch "{directory}/f$i" 2>/dev/null; do i=$((i+1)); done')
+    assert ns.run("touch", str(directory / "one-more")).returncode != 0
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    ("read-only runtime directory", 73, "Read-only file system; {dir} is not writable by this service"),
+    ("full runtime directory", 73, "No space left on device; {dir} is full"),
+    ("LimitNOFILE=32", 78, "the open files limit is 32 (hard 32); cadenza needs at least 64"),
+])
+def test_a_unit_that_cannot_work_fails_once_with_the_reason(systemd, fault, code, message):
+    """Faults of the unit's environment, not of the app: the start fails with a message that names
+    the problem and the fix, and Restart=on-failure with the shipped RestartPreventExitStatus=
+    does not loop."""
+    ns, port = systemd, free_port()
+    run_dir = ns.state / "run"
+    unit_extra = PREVENT + "\n"
+    if fault == "read-only runtime directory":
+        run_dir.mkdir()
+        unit_extra += f"ReadOnlyPaths={run_dir}\n"
+    elif fault == "full runtime directory":
+        _fill(ns, run_dir)
+    else:
+        unit_extra += "LimitNOFILE=32\n"
+    write_app(ns, port, unit_extra=unit_extra, control=f"{run_dir}/control.sock")
+    start = ns.systemctl("start", f"{APP}.service")
+    assert start.returncode != 0
+    state = ns.show(f"{APP}.service", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": str(code),
+                     "NRestarts": "0"}, ns.journal("-n", "20")
+    journal = ns.journal("-o", "cat", "-u", f"{APP}.service")
+    assert message.format(dir=run_dir) in journal and "Traceback" not in journal, journal
+    # Nothing is left waiting to retry: the unit stays failed until an operator acts.
+    assert ns.show(f"{APP}.service", "SubState", "NRestarts") == {"SubState": "failed", "NRestarts": "0"}

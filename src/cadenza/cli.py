@@ -1,8 +1,9 @@
 """`cadenza` command line. Only this module turns errors into exit codes.
 
 Exit codes of the daemon (sysexits, so units can list the permanent ones in
-RestartPreventExitStatus=): 0 clean stop; 64 usage; 78 configuration; 71 a listener could not
-be bound or adopted; 75 the workers did not become ready in time; 70 internal error.
+RestartPreventExitStatus=): 0 clean stop; 64 usage; 78 configuration (the config file, or a unit
+setting such as a too low LimitNOFILE=); 73 the control socket could not be created; 71 a listener
+could not be bound or adopted; 75 the workers did not become ready in time; 70 internal error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import setproctitle
 
-from . import __version__, logs, unitfiles
+from . import __version__, limits, logs, unitfiles
 from . import config as C
 from .control import ControlError, bind_socket
 from .listeners import ListenerError, adopt_from_env, bind, parse_address
@@ -25,7 +26,7 @@ from .notify import Notifier
 from .pinning import PinError, pin
 from .succession import CONTROL_FDNAME, Heir
 
-EX_USAGE, EX_CONFIG, EX_OSERR, EX_SOFTWARE = 64, 78, 71, 70
+EX_USAGE, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_CANTCREAT = 64, 78, 71, 70, 73
 log = logging.getLogger("cadenza")
 
 
@@ -143,6 +144,10 @@ def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
     if unsafe:
         log.error("configuration refused, not starting:\n%s", "\n".join(unsafe))
         return EX_CONFIG
+    problem = limits.open_files_problem()
+    if problem:
+        log.error("not starting: %s", problem)
+        return EX_CONFIG
     release = resolve_release(cfg)
     if release is None:
         return EX_CONFIG
@@ -162,8 +167,10 @@ def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
     if control is None:
         try:
             control = bind_socket(cfg.control_socket)
-        except (ControlError, OSError) as exc:
-            log.warning("no control socket, supervisorctl cannot reach this master: %s", exc)
+        except ControlError as exc:
+            # Without it neither `systemctl reload` nor supervisorctl could reach this master.
+            log.error("not starting: %s", exc)
+            return EX_CANTCREAT
     notifier = Notifier.from_environ()
     store_max = os.environ.pop("FDSTORE", "0")
     if heir is None and store_max.isdigit() and int(store_max) > 0:

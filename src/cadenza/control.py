@@ -44,7 +44,10 @@ class ControlError(Exception):
 
 def bind_socket(path: Path) -> socket.socket:
     """Listen on `path` (mode 0660), replacing a stale socket but never a live master's."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ControlError(_cannot_create(path, exc)) from exc
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ControlError(f"control socket {path} exists and is not a socket; remove it or set control.socket")
@@ -63,13 +66,26 @@ def bind_socket(path: Path) -> socket.socket:
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
-        raise ControlError(f"cannot create control socket {path}: {exc.strerror}") from exc
+        raise ControlError(_cannot_create(path, exc)) from exc
     finally:
         os.umask(old)
     os.chmod(path, 0o660)
     sock.listen(64)
     sock.set_inheritable(False)
     return sock
+
+
+def _cannot_create(path: Path, exc: OSError) -> str:
+    where = path.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"{where} is full (see `df -h {where}` and `df -i {where}`): free space there"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = (f"{where} is not writable by this service: use the unit's RuntimeDirectory= "
+               f"(/run/cadenza/APP) or make {where} writable for its user")
+    else:
+        fix = "check the directory"
+    return (f"cannot create control socket {path}: {exc.strerror or exc}; {fix}, "
+            "or point [control] socket at a writable directory")
 
 
 class Access:
