@@ -65,10 +65,14 @@ class Hammer:
         self._loop("keep-alive", request)
         conn.close()
 
-    def check(self) -> collections.Counter:
+    def finish(self) -> list[str]:
         self.done.set()
         for client in self.clients:
             client.result(timeout=60)
+        return self.failures
+
+    def check(self) -> collections.Counter:
+        self.finish()
         assert not self.failures, f"{len(self.failures)} failed request(s): {self.failures[:10]}"
         assert sum(self.seen.values()) > 20 and not any(k.startswith("HTTP") for k in self.seen), self.seen
         return self.seen
@@ -409,3 +413,23 @@ def test_old_master_killed_while_the_next_one_boots(systemd, site):
     systemd.wait_for(UNIT, "ActiveState", "active", timeout=30)
     assert answer(site) == "release r2"
     assert systemd.show(UNIT, "MainPID")["MainPID"] != old_inner
+
+
+def test_old_master_killed_before_the_fork_is_an_ordinary_crash(systemd, site, hammer):
+    """SIGKILL of the master before an upgrade forked anything: an ordinary crash. systemd kills
+    what is left of the unit (its workers, with the requests they hold: at most one per client
+    here) and Restart=on-failure starts it again from `current`, while the socket unit queues new
+    connections: none is refused. The restarted service then upgrades as usual."""
+    old_inner, old_master = main_pid(systemd)
+    os.kill(old_master, signal.SIGKILL)
+    systemd.wait_for(UNIT, "NRestarts", "1", timeout=30)
+    systemd.wait_for(UNIT, "ActiveState", "active", timeout=30)
+    assert systemd.show(UNIT, "MainPID")["MainPID"] != old_inner
+    assert answer(site) == "release r1"
+    site.deploy("r2")
+    reload = systemd.systemctl("reload", APP)
+    assert reload.returncode == 0, reload.stderr + systemd.journal("-o", "cat", "-n", "30")
+    assert answer(site) == "release r2"
+    failures = hammer.finish()
+    assert not [f for f in failures if "Refused" in f] and len(failures) <= 2, failures
+    assert "release r2" in hammer.seen and not any(k.startswith("HTTP") for k in hammer.seen), hammer.seen
