@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,3 +191,44 @@ def test_a_unit_that_cannot_work_fails_once_with_the_reason(systemd, fault, code
     assert message.format(dir=run_dir) in journal and "Traceback" not in journal, journal
     # Nothing is left waiting to retry: the unit stays failed until an operator acts.
     assert ns.show(f"{APP}.service", "SubState", "NRestarts") == {"SubState": "failed", "NRestarts": "0"}
+
+
+def test_workers_never_see_systemds_notify_socket_or_stale_listen_variables(systemd):
+    """Socket-activated, with a systemd watchdog: the master gets LISTEN_*, NOTIFY_SOCKET and
+    WATCHDOG_USEC meant for it. Each worker, in this generation and the next, gets LISTEN_* for
+    its own pid and its generation's NOTIFY_SOCKET, and nothing of systemd's."""
+    ns, port = systemd, free_port()
+    out = ns.state / "env"
+    out.mkdir()
+    envworker = Path(__file__).resolve().parent / "programs" / "envworker.py"
+    cfg = ns.state / "env.toml"
+    cfg.write_text(f'[app]\nname = "{APP}"\nexec_path = "{CADENZA}"\n[workers]\ncount = 2\n'
+                   f'command = ["{sys.executable}", "{envworker}", "{out}"]\n'
+                   f'[control]\nsocket = "{ns.state}/rel.sock"\n')
+    ns.write_unit(f"{APP}.socket", f"[Socket]\nListenStream=127.0.0.1:{port}\n")
+    ns.write_unit(f"{APP}.service", f"""[Service]
+Type=notify
+NotifyAccess=main
+KillMode=mixed
+WatchdogSec=30
+ExecStart={CADENZA} run -c {cfg}
+ExecReload={Path(CADENZA).parent / "supervisorctl"} -s {ns.state}/rel.sock upgrade
+""")
+    ns.systemctl("daemon-reload", check=True)
+    ns.systemctl("start", f"{APP}.socket", f"{APP}.service", check=True)
+    sockets = []
+    for generation in (1, 2):
+        infos = [json.loads((out / f"{i}.json").read_text()) for i in (1, 2)]
+        for info in infos:
+            env = info["env"]
+            assert env["LISTEN_PID"] == str(info["pid"]) and env["LISTEN_FDS"] == "1", env
+            assert env["LISTEN_FDNAMES"] == f"{APP}.socket" and env["CADENZA_GENERATION"] == str(generation), env
+            assert env["NOTIFY_SOCKET"].startswith("@cadenza/"), env
+            assert "WATCHDOG_USEC" not in env and "WATCHDOG_PID" not in env, env
+        sockets.append({info["env"]["NOTIFY_SOCKET"] for info in infos})
+        if generation == 1:
+            for f in out.iterdir():
+                f.unlink()
+            reload = ns.systemctl("reload", f"{APP}.service")
+            assert reload.returncode == 0, reload.stderr + ns.journal("-o", "cat", "-n", "20")
+    assert len(sockets[0]) == len(sockets[1]) == 1 and sockets[0] != sockets[1]
