@@ -6,6 +6,7 @@ $CADENZA_SYSTEMD_SKIPS_FILE for the CI job to check.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 # directory on sys.path, and the harness must import the same way in every mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sdns  # noqa: E402
+import tally  # noqa: E402
 
 SKIPS_ENV = "CADENZA_SYSTEMD_SKIPS_FILE"
 # Carried by every report of a systemd test.  A report property rather than a keyword (a
@@ -38,6 +40,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.user_properties.append(SYSTEMD_PROPERTY)
 
 
+RESULTS_ENV = "CADENZA_RESULTS_FILE"
+_results: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With $CADENZA_RESULTS_FILE set: each test's outcome and what its clients saw, as JSON
+    (tests/reliability_report.py turns runs of these into docs/reliability.md)."""
+    entry = _results.setdefault(report.nodeid, {"outcome": "passed", "requests": [0, 0]})
+    if report.failed or (report.skipped and entry["outcome"] == "passed"):
+        entry["outcome"] = "failed" if report.failed else "skipped"
+    for name, value in report.user_properties:
+        if name == "requests":
+            entry["requests"] = list(value)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        Path(path).write_text(json.dumps(_results, indent=1) + "\n")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     skipped = sum(1 for r in terminalreporter.stats.get("skipped", ())  # xdist sends lists
                   if any(tuple(p) == SYSTEMD_PROPERTY for p in getattr(r, "user_properties", ())))
@@ -46,6 +69,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     path = os.environ.get(SKIPS_ENV)
     if path:
         Path(path).write_text(f"{skipped}\n")
+
+
+@pytest.fixture(autouse=True)
+def _tally(request):
+    """What the test's HTTP clients saw, as a report property (see tests/reliability_report.py)."""
+    tally.reset()
+    yield
+    if tally.ok or tally.lost:
+        request.node.user_properties.append(("requests", [tally.ok, tally.lost]))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import tally
 from procs import CADENZA, children, free_port, get
 
 APP = "rel"
@@ -65,6 +66,7 @@ class Client:
     def stop(self) -> "Client":
         self._stop.set()
         self._thread.join()
+        tally.add(self.ok, len(self.failures))
         return self
 
 
@@ -166,7 +168,8 @@ def _fill(ns, directory: Path) -> None:
     ("read-only runtime directory", 73, "Read-only file system; {dir} is not writable by this service"),
     ("full runtime directory", 73, "No space left on device; {dir} is full"),
     ("LimitNOFILE=32", 78, "the open files limit is 32 (hard 32); cadenza needs at least 64"),
-])
+    ("config file writable by others", 78, "{cfg}: the config file is writable by others (mode 0646)"),
+], ids=["read-only-runtime-dir", "full-runtime-dir", "LimitNOFILE=32", "config-writable-by-others"])
 def test_a_unit_that_cannot_work_fails_once_with_the_reason(systemd, fault, code, message):
     """Faults of the unit's environment, not of the app: the start fails with a message that names
     the problem and the fix, and Restart=on-failure with the shipped RestartPreventExitStatus=
@@ -179,16 +182,19 @@ def test_a_unit_that_cannot_work_fails_once_with_the_reason(systemd, fault, code
         unit_extra += f"ReadOnlyPaths={run_dir}\n"
     elif fault == "full runtime directory":
         _fill(ns, run_dir)
-    else:
+    elif fault.startswith("LimitNOFILE"):
         unit_extra += "LimitNOFILE=32\n"
     write_app(ns, port, unit_extra=unit_extra, control=f"{run_dir}/control.sock")
+    if fault == "config file writable by others":
+        run_dir.mkdir()
+        (ns.state / "rel.toml").chmod(0o646)
     start = ns.systemctl("start", f"{APP}.service")
     assert start.returncode != 0
     state = ns.show(f"{APP}.service", "ActiveState", "Result", "ExecMainStatus", "NRestarts")
     assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": str(code),
                      "NRestarts": "0"}, ns.journal("-n", "20")
     journal = ns.journal("-o", "cat", "-u", f"{APP}.service")
-    assert message.format(dir=run_dir) in journal and "Traceback" not in journal, journal
+    assert message.format(dir=run_dir, cfg=ns.state / "rel.toml") in journal and "Traceback" not in journal, journal
     # Nothing is left waiting to retry: the unit stays failed until an operator acts.
     assert ns.show(f"{APP}.service", "SubState", "NRestarts") == {"SubState": "failed", "NRestarts": "0"}
 

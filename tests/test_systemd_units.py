@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import sdns
+import tally
 
 from procs import VENV_BIN, free_port, get
 
@@ -122,7 +123,7 @@ def test_hardened_unit_serves_upgrades_reports_and_stops(systemd, root):
     ns.wait_for(f"{APP}.service", "ActiveState", "active")
     first = ns.show(f"{APP}.service", "MainPID")["MainPID"]
 
-    failures = []
+    failures, answered = [], []
     stop = threading.Event()
 
     def client():
@@ -131,6 +132,8 @@ def test_hardened_unit_serves_upgrades_reports_and_stops(systemd, root):
                 status, _ = get(root.port, timeout=10)
                 if status != 200:
                     failures.append(status)
+                else:
+                    answered.append(status)
             except Exception as exc:  # noqa: BLE001 - every failure counts
                 failures.append(repr(exc))
     thread = threading.Thread(target=client)
@@ -152,6 +155,7 @@ def test_hardened_unit_serves_upgrades_reports_and_stops(systemd, root):
     finally:
         stop.set()
         thread.join()
+        tally.add(len(answered), len(failures))
     assert failures == []
 
     st = json.loads(ctl(ns, root, "status", "--json").stdout)

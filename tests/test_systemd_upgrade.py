@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import tally
 from deploy import AppRoot
 from procs import accepted, alive, children, free_port, get
 
@@ -66,9 +67,11 @@ class Hammer:
         conn.close()
 
     def finish(self) -> list[str]:
-        self.done.set()
-        for client in self.clients:
-            client.result(timeout=60)
+        if not self.done.is_set():
+            self.done.set()
+            for client in self.clients:
+                client.result(timeout=60)
+            tally.add(sum(self.seen.values()), len(self.failures))
         return self.failures
 
     def check(self) -> collections.Counter:
@@ -96,7 +99,7 @@ def site(systemd):
 def hammer(site):
     h = Hammer(site.port)
     yield h
-    h.done.set()
+    h.finish()
 
 
 def answer(app: AppRoot) -> str:

@@ -1,0 +1,145 @@
+"""The reliability and security results table (docs/reliability.md and .json), from real runs of
+the tests that prove them against a real systemd (issue: faults, bad input, soak, security).
+
+    sudo .venv/bin/python tests/reliability_report.py [--repeat 3] [--out docs]
+
+Runs the selected tests --repeat times (the 500-upgrade soak and the Debian package tests once),
+each run with $CADENZA_RESULTS_FILE set, so conftest.py records every test's outcome and the
+requests its HTTP clients had answered and lost; then writes one table row per scenario.
+Exit status: 0 when every run of every scenario passed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (section, test node prefixes or patterns); first match wins; a test matching none is not shown.
+SECTIONS = [
+    ("Soak", [r"test_soak\.py::"]),
+    ("Security", [r"test_unsafe_pinned_path", r"test_a_user_not_allowed", r"test_workers_never_see",
+                  r"test_other_users_are_denied", r"test_upgrade_refused_when", r"test_pin_refuses",
+                  r"test_world_writable_file", r"test_others_writable", r"config-writable-by-others",
+                  r"test_packaging\.py::.*user"]),
+    ("Faults during a hand-off", [r"test_systemd_upgrade\.py::test_(old|new)_master", r"test_stop_during",
+                                  r"test_ten_usr2", r"test_requests_in_flight", r"test_failed_upgrade",
+                                  r"test_five_deploys"]),
+    ("Faults of workers and of the unit", [r"test_systemd_reliability\.py::test_(random|a_stopped|a_unit)"]),
+    ("The fd store", [r"test_fd_store"]),
+    ("Bad input, fuzzed", [r"test_fuzz\.py::"]),
+]
+# Scenarios where a passing run may lose requests, and why (the test bounds it and checks that
+# no connection was refused).
+LOSS_NOTES = {
+    "test_fd_store": "a crash takes the requests its SIGKILLed workers held; none refused",
+    "test_random_workers_killed": "a SIGKILLed worker takes its request in flight; none refused",
+    "before_the_fork": "a crash: systemd SIGKILLs the dead master's workers; none refused",
+}
+ONCE = ["tests/test_soak.py", "tests/test_packaging.py"]
+REPEATED = ["tests/test_systemd_upgrade.py", "tests/test_systemd_reliability.py",
+            "tests/test_systemd_units.py::test_a_user_not_allowed_gets_exit_4", "tests/test_fuzz.py",
+            "tests/test_control.py", "tests/test_config.py"]
+
+
+def run_pytest(targets: list[str], results: Path, env: dict) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, env=dict(env, CADENZA_RESULTS_FILE=str(results)))
+
+
+def section_of(nodeid: str) -> str | None:
+    for section, patterns in SECTIONS:
+        if any(re.search(p, nodeid) for p in patterns):
+            return section
+    return None
+
+
+def scenario(nodeid: str) -> str:
+    name = nodeid.split("::", 1)[1]
+    base, _, param = name.partition("[")
+    text = base.removeprefix("test_").replace("_", " ")
+    return f"{text} [{param}" if param else text
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for results in runs:
+        for nodeid, r in results.items():
+            section = section_of(nodeid)
+            if section is None or r["outcome"] == "skipped":
+                continue
+            row = rows.setdefault(nodeid, dict(section=section, scenario=scenario(nodeid), test=nodeid,
+                                               runs=0, failed_runs=0, answered=0, lost=0))
+            row["runs"] += 1
+            row["failed_runs"] += r["outcome"] == "failed"
+            row["answered"] += r["requests"][0]
+            row["lost"] += r["requests"][1]
+    for row in rows.values():
+        row["verdict"] = "pass" if row["failed_runs"] == 0 else "FAIL"
+        row["note"] = next((n for k, n in LOSS_NOTES.items() if k in row["test"]), "")
+    order = [s for s, _ in SECTIONS]
+    return sorted(rows.values(), key=lambda r: order.index(r["section"]))
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = ["# Reliability and security results", "",
+           f"Produced by `{meta['command']}` on {meta['date']}: {meta['machine']}. Each scenario is a "
+           "test against a real systemd 252 booted in namespaces (tests/sdns.py) or, for bad input, "
+           "against the real parsers and master; its docstring says what it asserts. *Runs* is how many "
+           "times the test ran here, *failed runs* how many of them failed; *requests* are those of "
+           "the HTTP clients that ran throughout (answered / lost: failed, reset or refused).", ""]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        out += [f"## {section}", "", "| scenario | runs | failed runs | requests answered | requests lost | verdict |",
+                "|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["section"] == section):
+            lost = f"{r['lost']} ({r['note']})" if r["lost"] and r["note"] else str(r["lost"])
+            answered = f"{r['answered']:,}" if r["answered"] or r["lost"] else "–"
+            out.append(f"| {r['scenario']} (`{r['test'].split('::')[0].removeprefix('tests/')}`) | {r['runs']} | "
+                       f"{r['failed_runs']} | {answered} | {lost if answered != '–' else '–'} | {r['verdict']} |")
+        out.append("")
+    total = sum(r["runs"] for r in rows)
+    failed = sum(r["failed_runs"] for r in rows)
+    out += [f"In all: {len(rows)} scenarios, {total} runs, {failed} failed; "
+            f"{sum(r['answered'] for r in rows):,} requests answered, {sum(r['lost'] for r in rows)} lost.", ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    args = parser.parse_args()
+    env = dict(os.environ, CADENZA_REQUIRE_SYSTEMD="1")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cadenza-reliability-") as tmp:
+        if "CADENZA_DEB" not in env:   # one package for every run
+            subprocess.run(["bash", str(REPO / "packaging/build-deb.sh"), tmp], check=True,
+                           stdout=subprocess.DEVNULL)
+            env["CADENZA_DEB"] = str(next(Path(tmp).glob("cadenza_*.deb")))
+        for i in range(args.repeat):
+            results = Path(tmp) / f"run-{i}.json"
+            run_pytest(REPEATED + (ONCE if i == 0 else []), results, env)
+            runs.append(json.loads(results.read_text()))
+    rows = aggregate(runs)
+    systemd = subprocess.run(["/lib/systemd/systemd", "--version"], capture_output=True, text=True).stdout
+    meta = dict(command="sudo .venv/bin/python tests/reliability_report.py" +
+                        (f" --repeat {args.repeat}" if args.repeat != 3 else ""),
+                date=time.strftime("%Y-%m-%d"),
+                machine=f"{os.cpu_count()} CPUs, Linux {platform.release()}, {systemd.split(chr(10))[0]}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reliability.md").write_text(markdown(rows, meta))
+    (args.out / "reliability.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(markdown(rows, meta))
+    return 0 if all(r["failed_runs"] == 0 for r in rows) and rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
