@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,34 @@ def test_upgrade_refused_when_the_new_config_is_writable_by_others(app):
     assert proc.returncode == 1
     assert "the new release's config is unsafe" in proc.stderr and "writable by others" in proc.stderr
     assert status(root)["pid"] == m.pid
+
+
+def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(app):
+    """Idle clients use up the master's fds (its limit lowered under it): accept() fails with
+    EMFILE, the master says so once a second instead of spinning on the queued connection,
+    and serves the control socket again once fds are free."""
+    root, m = app
+    import resource
+    used = len(os.listdir(f"/proc/{m.pid}/fd"))
+    resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (used + 5, used + 5))
+    idle = []
+    for _ in range(12):   # 5 are accepted and wait for a request; the rest queue in the kernel
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(root.socket))
+        idle.append(s)
+    m.wait_log("control socket: out of file descriptors")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{m.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    before, started = cpu(), time.monotonic()
+    poll_log = lambda: m.log().count("out of file descriptors") >= 3   # noqa: E731
+    while not poll_log():   # the master's own 1 s pauses pace these lines
+        assert time.monotonic() - started < 10, m.log()
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert elapsed > 1.5                     # not a line per loop iteration
+    assert cpu() - before < 0.25 * elapsed   # a spinning loop would burn a full CPU
+    for s in idle:
+        s.close()
+    assert status(root)["state"] == "serving" and get(root.port)[0] == 200

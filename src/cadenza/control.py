@@ -30,6 +30,7 @@ MAX_REQUEST = 64 * 1024
 MAX_PENDING = 1 << 20
 MAX_CLIENTS = 64
 REQUEST_TIMEOUT = 5.0
+ACCEPT_PAUSE = 1.0      # after accept() found no free file descriptor
 READ_ONLY = {"status"}
 COMMANDS = {"status", "upgrade", "restart", "scale", "stop"}
 _UCRED = struct.Struct("3i")
@@ -221,6 +222,7 @@ class ControlServer:
         self.sock = sock
         self.access = access
         self.clients: dict[int, Client] = {}
+        self.accepting = True
         sock.setblocking(False)
         host.selector.register(sock, 1, self._on_accept)
 
@@ -231,8 +233,12 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("control socket: out of file descriptors (%s); raise LimitNOFILE=", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.accepting:
+                    # The connection stays queued and would wake the loop again at once: pause.
+                    log.error("control socket: out of file descriptors (%s); not accepting for %gs. "
+                              "Raise LimitNOFILE= in the unit", exc.strerror, ACCEPT_PAUSE)
+                    self._unregister()
+                    self.host.timers.after(ACCEPT_PAUSE, self._resume)
                 return
             if len(self.clients) >= MAX_CLIENTS:
                 conn.close()
@@ -279,16 +285,21 @@ class ControlServer:
         log.info("control: %s from %s", cmd, client.describe())
         self.host.control_command(client, cmd, request)
 
-    def stop_accepting(self) -> None:
+    def _resume(self) -> None:
+        if self.accepting:
+            self.host.selector.register(self.sock, 1, self._on_accept)
+
+    def _unregister(self) -> None:
         try:
             self.host.selector.unregister(self.sock)
         except (KeyError, ValueError):
             pass
 
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self._unregister()
+
     def close(self) -> None:
         for client in list(self.clients.values()):
             client.close()
-        try:
-            self.host.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+        self.stop_accepting()
