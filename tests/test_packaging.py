@@ -2,12 +2,15 @@
 then installed with apt into a real systemd 252 booted on an overlay of the host's root
 (tests/sdns.py, overlay=True), used as an operator would (pin, enable the socket, serve, deploy,
 `systemctl reload`), and purged, leaving nothing behind inside, and nothing changed on the host.
+Then run under `User=` (a drop-in), as an unprivileged system user who alone, with root, may use
+the control socket.
 
 CADENZA_DEB=/path/to/cadenza_X_ARCH.deb tests that package instead of building one.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
 import re
@@ -22,6 +25,7 @@ from typing import NamedTuple
 import pytest
 
 import sdns
+import tally
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -220,6 +224,155 @@ def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, 
         # Nothing of supervisor's was touched either (dpkg checks every file's md5sum).
         assert sh(ns, "dpkg --verify supervisor").strip() == ""
     assert host_state(watched) == before
+
+
+# Inside the namespace: GETs until the file argv[1] exists; "polling" once the first one was
+# answered, then at the end one JSON line with what it saw.
+POLL = """\
+import json, os, re, sys, time, urllib.request
+ok, failures, generations = 0, [], set()
+while not os.path.exists(sys.argv[1]):
+    try:
+        body = urllib.request.urlopen('http://127.0.0.1:8000/', timeout=20).read().decode()
+        generations.add(int(re.search(r' gen (\\d+) ', body)[1]))
+        ok += 1
+        if ok == 1:
+            print("polling", flush=True)
+    except Exception as exc:
+        failures.append(repr(exc))
+    time.sleep(0.02)
+print(json.dumps({"ok": ok, "failures": failures, "generations": sorted(generations)}))
+"""
+
+
+def test_under_user_it_runs_unprivileged_and_keeps_its_control_socket(deb, systemd_factory):
+    """The shipped template with `User=demo` in a drop-in: master, workers and ExecReload run as
+    an unprivileged system user, the control socket is that user's alone (0660 in a 0750
+    RuntimeDirectory), root keeps control, other users are refused, and reload upgrades."""
+    passwd = Path("/etc/passwd").read_bytes()
+    with systemd_factory(net="private", overlay=True) as ns:
+        shutil.copy(deb, ns.state)
+        sh(ns, "rm -f /var/lib/man-db/auto-update")   # no man-db trigger (seconds)
+        sh(ns, f"apt-get install -y --no-install-recommends /run/sdns/{deb.name}", timeout=120)
+
+        # The service user, and a deployer in its group (gets through the file modes).
+        sh(ns, "useradd --system --user-group --no-create-home --home-dir /nonexistent "
+               "--shell /usr/sbin/nologin demo; "
+               "useradd --system --user-group --no-create-home --home-dir /nonexistent "
+               "--shell /usr/sbin/nologin --groups demo deployer")
+        uid, gid = (int(n) for n in sh(ns, "id -u demo; id -g demo").split())
+        # What an operator deploys: everything root's, nothing writable but by root.
+        sh(ns, "install -d -o root -g root -m 0755 /srv/demo /srv/demo/releases /srv/demo/shared")
+        deploy(ns, "1")
+        sh(ns, f"cadenza pin --root /srv/demo --python {VENV}/bin/python --unit cadenza@demo")
+        layout = sh(ns, "cd /srv/demo && stat -c '%n %U:%G %a' . releases releases/1 "
+                        "releases/1/cadenza.toml shared shared/bin shared/bin/cadenza "
+                        "shared/bin/supervisorctl").splitlines()
+        assert layout == [". root:root 755", "releases root:root 755", "releases/1 root:root 755",
+                          "releases/1/cadenza.toml root:root 644", "shared root:root 755",
+                          "shared/bin root:root 755", "shared/bin/cadenza root:root 755",
+                          "shared/bin/supervisorctl root:root 755"], layout
+
+        sh(ns, "mkdir -p /etc/systemd/system/cadenza@demo.service.d && "
+               "printf '[Service]\\nUser=demo\\nGroup=demo\\n' "
+               "> /etc/systemd/system/cadenza@demo.service.d/user.conf && "
+               "systemctl daemon-reload && systemctl start cadenza@demo.socket")
+        assert ns.show("cadenza@demo.service", "User", "Group") == {"User": "demo", "Group": "demo"}
+        reply = sh(ns, f"python3 -c \"{GET}\"")   # socket activation starts the service
+        assert re.fullmatch(r"hello from cadenza worker \d gen 1 pid \d+ release /srv/demo/releases/1\n", reply)
+        ns.wait_for("cadenza@demo.service", "ActiveState", "active", timeout=30)
+        first = ns.show("cadenza@demo.service", "MainPID")["MainPID"]
+
+        def processes() -> dict[int, str]:
+            """Every process of the service (its cgroup), with its Uid: and Gid: lines."""
+            cgroup = ns.show("cadenza@demo.service", "ControlGroup")["ControlGroup"]
+            pids = [int(p) for p in sh(ns, f"cat /sys/fs/cgroup{cgroup}/cgroup.procs").split()]
+            ids = {}
+            for pid in pids:
+                lines = sh(ns, f"grep -E '^(Uid|Gid):' /proc/{pid}/status || true").split("\n")
+                if lines[0]:   # an ExecReload= that ended meanwhile has no status left
+                    ids[pid] = " ".join(" ".join(line.split()[1:]) for line in lines if line)
+            return ids
+
+        def serving(generation: int) -> dict:
+            """The master's status (asked by root, who may always ask), once every worker is ready."""
+            deadline = time.monotonic() + 30
+            while True:
+                st = json.loads(sh(ns, "/srv/demo/shared/bin/supervisorctl status --json"))
+                ready = [w for w in st["workers"] if w["state"] == "ready"]
+                if st["generation"] == generation and len(ready) == 2 and not st["upgrading"]:
+                    return st
+                assert time.monotonic() < deadline, st
+                time.sleep(0.1)
+
+        def check_ownership(generation: int) -> None:
+            st = serving(generation)
+            mine = f"{uid} {uid} {uid} {uid} {gid} {gid} {gid} {gid}"   # real, effective, saved, fs
+            ids = processes()
+            assert {st["pid"], *(w["pid"] for w in st["workers"])} <= set(ids), (st, ids)
+            assert set(ids.values()) == {mine}, ids
+            assert sh(ns, f"ps -o user= -p {st['pid']}").strip() == "demo"
+            sockets = sh(ns, "stat -c '%n %U:%G %a %A' /run/cadenza /run/cadenza/demo "
+                             "/run/cadenza/demo/control.sock").splitlines()
+            assert sockets == ["/run/cadenza root:root 755 drwxr-xr-x",
+                               "/run/cadenza/demo demo:demo 750 drwxr-x---",
+                               "/run/cadenza/demo/control.sock demo:demo 660 srw-rw----"], sockets
+
+        check_ownership(1)
+        assert ns.show("cadenza@demo.service", "StatusText")["StatusText"].startswith("generation 1 serving")
+
+        # Others: nobody cannot even reach the socket (the 0750 directory); a member of the
+        # service's group can, and the master refuses it by its uid (SO_PEERCRED).
+        ctl = "/srv/demo/shared/bin/supervisorctl"
+        refused = ns.run("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                         ctl, "status", env=INSIDE_ENV)
+        assert refused.returncode == 4, refused
+        assert refused.stderr == ("supervisorctl: permission denied on /run/cadenza/demo/control.sock: "
+                                  "ask for access to the control socket (control.allow_users / "
+                                  "allow_groups)\n"), refused
+        deployer = int(sh(ns, "id -u deployer"))
+        as_deployer = ("setpriv", "--reuid=deployer", "--regid=deployer", "--init-groups", ctl)
+        refused = ns.run(*as_deployer, "upgrade", env=INSIDE_ENV)
+        assert refused.returncode == 4, refused
+        assert refused.stderr == f"permission denied: uid {deployer} may not upgrade\n", refused
+        refused = ns.run(*as_deployer, "status", env=INSIDE_ENV)
+        assert refused.returncode == 4, refused
+        assert refused.stderr == f"permission denied: uid {deployer} may not status\n", refused
+        journal = ns.journal("-u", "cadenza@demo.service")
+        for cmd in ("upgrade", "status"):
+            assert re.search(rf"control: {cmd} denied to uid {deployer} \(pid \d+\)", journal), journal
+
+        # The upgrade: ExecReload= runs the pinned supervisorctl as demo, which the master obeys.
+        stop = ns.state / "stop-polling"
+        poller = ns.popen("python3", "-c", POLL, str(stop), stdout=subprocess.PIPE, text=True)
+        assert poller.stdout.readline() == "polling\n"
+        deploy(ns, "2")
+        sh(ns, "systemctl reload cadenza@demo", timeout=120)
+        props = ns.show("cadenza@demo.service", "ActiveState", "MainPID", "StatusText")
+        assert props["ActiveState"] == "active" and props["MainPID"] not in ("0", first), props
+        assert props["StatusText"].startswith("generation 2 serving"), props   # not 3: refused above
+        # The pinned supervisorctl of ExecReload= spoke as the service user.
+        journal = ns.journal("-u", "cadenza@demo.service")
+        assert re.search(rf"control: upgrade from pid \d+ uid {uid}$", journal, re.M), journal
+        check_ownership(2)
+        assert serving(2)["pid"] == int(props["MainPID"])
+        reply = sh(ns, f"python3 -c \"{GET}\"")
+        assert re.fullmatch(r"hello from cadenza worker \d gen 2 pid \d+ release /srv/demo/releases/2\n", reply)
+        stop.touch()
+        polled = json.loads(poller.communicate(timeout=30)[0])
+        tally.add(polled["ok"], len(polled["failures"]))
+        assert polled["failures"] == [] and polled["generations"] == [1, 2], polled
+        status = sh(ns, f"{ctl} status")
+        assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
+        assert f"ActiveState=active SubState=running MainPID={props['MainPID']} " in status, status
+
+        sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
+        assert ns.show("cadenza@demo.service", "ActiveState", "Result") == {
+            "ActiveState": "inactive", "Result": "success"}
+        assert "SIGKILL" not in ns.journal("-u", "cadenza@demo.service")
+        # RuntimeDirectory= goes with the service, the control socket with it.
+        assert sh(ns, "ls -A /run/cadenza").strip() == ""
+    assert Path("/etc/passwd").read_bytes() == passwd   # the users lived in the overlay only
 
 
 def sh(ns, script: str, timeout: float = 60) -> str:

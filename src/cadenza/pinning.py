@@ -30,7 +30,8 @@ def unsafe_reason(path: Path, service_uid: int) -> str | None:
     for part in [current, *current.parents]:
         st = os.stat(part)
         if st.st_uid not in trusted:
-            return f"{part} is owned by uid {st.st_uid}, not root or the service user; chown root {part}"
+            who = "root" if service_uid == 0 else f"root or the service user (uid {service_uid})"
+            return f"{part} is owned by uid {st.st_uid}, not {who}; chown root {part}"
         # A root-owned sticky directory (/tmp) lets nobody rename another user's entries.
         sticky_root = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0
         if st.st_mode & 0o022 and not sticky_root:

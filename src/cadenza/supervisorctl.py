@@ -144,7 +144,7 @@ def run(args) -> int:
             last = event.get("text", "")
             print(f"{time.strftime('%H:%M:%S')} {last}", flush=True)
             continue
-        if args.command == "status":
+        if args.command == "status" and event["ok"]:
             status = event.get("status", {})
             unit = args.unit or status.get("systemd_unit")
             if unit:
