@@ -434,8 +434,11 @@ class Master:
 
     def _on_heir_channel(self) -> None:
         what = self.heir.read()
-        if what == "main":
+        if what is not None:
+            # Whatever came is the channel's last word: main, stop, or the predecessor is gone.
             self.selector.unregister(self.heir.chan)
+            self.heir.close()
+        if what == "main":
             self.systemd.muted = False
             log.info("generation %d is main", self.generation)
             if self.control_sock is not None:
@@ -447,11 +450,9 @@ class Master:
             if self._watchdog_interval:
                 self.systemd.send(watchdog=1)
         elif what == "stop":
-            self.selector.unregister(self.heir.chan)
             log.info("the service is stopping during the upgrade: generation %d stops too", self.generation)
             self._begin_stop(signal.SIGTERM, exit_code=EXIT_OK)
         elif what == "closed":
-            self.selector.unregister(self.heir.chan)
             if not self.heir.main and self.state != "stopping":
                 log.error("the previous generation went away before making generation %d main; stopping",
                           self.generation)
