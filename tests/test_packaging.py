@@ -203,16 +203,7 @@ def test_installed_it_serves_upgrades_on_reload_and_purges_without_a_trace(deb, 
         assert props["StatusText"].startswith("generation 2 serving"), props
         reply = sh(ns, f"python3 -c \"{GET}\"")
         assert re.fullmatch(r"hello from cadenza worker \d gen 2 pid \d+ release /srv/demo/releases/2\n", reply)
-        # The unit's state comes over pystemd, which the package compiled.
-        status = sh(ns, "/srv/demo/shared/bin/supervisorctl status")
-        assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
-        assert f"ActiveState=active SubState=running MainPID={props['MainPID']} " in status, status
-
-        sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
-        # Drained, not killed: the heir is not an alien MainPID to systemd (KillMode=mixed).
-        assert ns.show("cadenza@demo.service", "ActiveState", "Result") == {
-            "ActiveState": "inactive", "Result": "success"}
-        assert "SIGKILL" not in ns.journal("-u", "cadenza@demo.service")
+        status_then_stop(ns, props["MainPID"])
         sh(ns, "systemctl disable cadenza@demo.socket")
         sh(ns, "apt-get purge -y cadenza", timeout=120)
         gone = ns.run("dpkg", "-L", "cadenza", env=INSIDE_ENV)
@@ -362,17 +353,23 @@ def test_under_user_it_runs_unprivileged_and_keeps_its_control_socket(deb, syste
         polled = json.loads(poller.communicate(timeout=30)[0])
         tally.add(polled["ok"], len(polled["failures"]))
         assert polled["failures"] == [] and polled["generations"] == [1, 2], polled
-        status = sh(ns, f"{ctl} status")
-        assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
-        assert f"ActiveState=active SubState=running MainPID={props['MainPID']} " in status, status
-
-        sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
-        assert ns.show("cadenza@demo.service", "ActiveState", "Result") == {
-            "ActiveState": "inactive", "Result": "success"}
-        assert "SIGKILL" not in ns.journal("-u", "cadenza@demo.service")
+        status_then_stop(ns, props["MainPID"])
         # RuntimeDirectory= goes with the service, the control socket with it.
         assert sh(ns, "ls -A /run/cadenza").strip() == ""
     assert Path("/etc/passwd").read_bytes() == passwd   # the users lived in the overlay only
+
+
+def status_then_stop(ns, main_pid: str) -> None:
+    """Root's `supervisorctl status` after the reload to release 2, then a drained stop."""
+    # The unit's state comes over pystemd, which the package compiled.
+    status = sh(ns, "/srv/demo/shared/bin/supervisorctl status")
+    assert "generation 2 serving" in status and "/srv/demo/releases/2" in status, status
+    assert f"ActiveState=active SubState=running MainPID={main_pid} " in status, status
+    sh(ns, "systemctl stop cadenza@demo.service cadenza@demo.socket")
+    # Drained, not killed: the heir is not an alien MainPID to systemd (KillMode=mixed).
+    assert ns.show("cadenza@demo.service", "ActiveState", "Result") == {
+        "ActiveState": "inactive", "Result": "success"}
+    assert "SIGKILL" not in ns.journal("-u", "cadenza@demo.service")
 
 
 def sh(ns, script: str, timeout: float = 60) -> str:
