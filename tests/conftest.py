@@ -53,6 +53,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for name, value in report.user_properties:
         if name == "requests":
             entry["requests"] = list(value)
+        elif name == "soak":
+            entry["soak"] = value
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

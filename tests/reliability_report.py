@@ -32,7 +32,8 @@ SECTIONS = [
     ("Faults during a hand-off", [r"test_systemd_upgrade\.py::test_(old|new)_master", r"test_stop_during",
                                   r"test_ten_usr2", r"test_requests_in_flight", r"test_failed_upgrade",
                                   r"test_five_deploys"]),
-    ("Faults of workers and of the unit", [r"test_systemd_reliability\.py::test_(random|a_stopped|a_unit)"]),
+    ("Faults of workers, of the unit and of its limits",
+     [r"test_systemd_reliability\.py::test_(random|a_stopped|a_unit)", r"test_out_of_file_descriptors"]),
     ("The fd store", [r"test_fd_store"]),
     ("Bad input, fuzzed", [r"test_fuzz\.py::"]),
 ]
@@ -82,6 +83,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             row["failed_runs"] += r["outcome"] == "failed"
             row["answered"] += r["requests"][0]
             row["lost"] += r["requests"][1]
+            if "soak" in r:
+                row["samples"] = r["soak"]
     for row in rows.values():
         row["verdict"] = "pass" if row["failed_runs"] == 0 else "FAIL"
         row["note"] = next((n for k, n in LOSS_NOTES.items() if k in row["test"]), "")
@@ -105,6 +108,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             out.append(f"| {r['scenario']} (`{r['test'].split('::')[0].removeprefix('tests/')}`) | {r['runs']} | "
                        f"{r['failed_runs']} | {answered} | {lost if answered != '–' else '–'} | {r['verdict']} |")
         out.append("")
+        for r in (r for r in rows if r["section"] == section and r.get("samples")):
+            out += ["The soak's samples: the master (a new process after every upgrade), its open fds "
+                    "and RSS, the processes in the unit's cgroup, zombies, processes that are not the "
+                    "current generation's, and the client's requests so far.", "", "```",
+                    r["samples"], "```", ""]
     total = sum(r["runs"] for r in rows)
     failed = sum(r["failed_runs"] for r in rows)
     out += [f"In all: {len(rows)} scenarios, {total} runs, {failed} failed; "
@@ -121,8 +129,11 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="cadenza-reliability-") as tmp:
         if "CADENZA_DEB" not in env:   # one package for every run
-            subprocess.run(["bash", str(REPO / "packaging/build-deb.sh"), tmp], check=True,
-                           stdout=subprocess.DEVNULL)
+            build = subprocess.run(["bash", str(REPO / "packaging/build-deb.sh"), tmp],
+                                   capture_output=True, text=True)
+            if build.returncode != 0:
+                print(build.stdout[-3000:], build.stderr[-3000:], file=sys.stderr)
+                return 1
             env["CADENZA_DEB"] = str(next(Path(tmp).glob("cadenza_*.deb")))
         for i in range(args.repeat):
             results = Path(tmp) / f"run-{i}.json"

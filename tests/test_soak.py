@@ -10,9 +10,10 @@ from soak import problems, soak, table
 
 
 @pytest.mark.timeout(1200)
-def test_500_upgrades_under_a_steady_client(systemd, tmp_path):
+def test_500_upgrades_under_a_steady_client(systemd, tmp_path, record_property):
     upgrades = int(os.environ.get("CADENZA_SOAK_UPGRADES", "500"))
     result = soak(systemd, tmp_path, upgrades=upgrades)
+    record_property("soak", table(result))   # for tests/reliability_report.py
     shown = f"{table(result)}\ntotals: {({k: v for k, v in result.items() if k != 'samples'})}"
     # Zero failed requests; fds and cgroup processes identical in every sample; no zombie;
     # no process but the current generation's workers beside the master; RSS within 3 MB.
