@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 export CADENZA_REQUIRE_SYSTEMD=1
+# The suite's soak: 100 upgrades (about a minute); tests/soak.py and tests/reliability_report.py run 500.
+export CADENZA_SOAK_UPGRADES="${CADENZA_SOAK_UPGRADES:-100}"
 skips=$(mktemp)
 trap 'rm -f "$skips"' EXIT
 export CADENZA_SYSTEMD_SKIPS_FILE="$skips"

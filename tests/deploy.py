@@ -47,7 +47,8 @@ def app(environ, start_response):
         return stream(text, query["gate"][0])
     if environ["PATH_INFO"] == "/slow":
         time.sleep(float(query.get("s", ["1"])[0]))
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(text)))])
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(text))),
+                              ("X-Pid", str(os.getpid()))])
     return [text]
 
 

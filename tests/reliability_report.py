@@ -3,7 +3,7 @@ the tests that prove them against a real systemd (issue: faults, bad input, soak
 
     sudo .venv/bin/python tests/reliability_report.py [--repeat 3] [--out docs]
 
-Runs the selected tests --repeat times (the 500-upgrade soak and the Debian package tests once),
+Runs the selected tests --repeat times (the soak, 500 upgrades, and the Debian package tests once),
 each run with $CADENZA_RESULTS_FILE set, so conftest.py records every test's outcome and the
 requests its HTTP clients had answered and lost; then writes one table row per scenario.
 Exit status: 0 when every run of every scenario passed.
@@ -37,12 +37,23 @@ SECTIONS = [
     ("The fd store", [r"test_fd_store"]),
     ("Bad input, fuzzed", [r"test_fuzz\.py::"]),
 ]
+# Seen outside the runs of a report, and not explained yet: printed under the tables.
+KNOWN = [
+    "One run of the 500-upgrade soak under `.ci/run` (2026-11-27) lost 1 request of 84,800: a "
+    "keep-alive request to a draining worker got its response headers (`Content-Length: 19`) and "
+    "then the end of the connection, without the body (`IncompleteRead(0 bytes read, 19 more "
+    "expected)`); the worker closed that connection as idle once its 1 s grace was over. It did "
+    "not happen again in three more runs of 500 upgrades, 350 upgrades and 510 rolling restarts "
+    "with 4–6 keep-alive clients outside systemd. The test clients now print the headers of such "
+    "a response, the worker's pid (`X-Pid`) among them.",
+]
 # Scenarios where a passing run may lose requests, and why (the test bounds it and checks that
 # no connection was refused).
 LOSS_NOTES = {
     "test_fd_store": "a crash takes the requests its SIGKILLed workers held; none refused",
     "test_random_workers_killed": "a SIGKILLed worker takes its request in flight; none refused",
     "before_the_fork": "a crash: systemd SIGKILLs the dead master's workers; none refused",
+    "while_the_next_one_boots": "a crash: systemd SIGKILLs the dead master's workers; none refused",
 }
 ONCE = ["tests/test_soak.py", "tests/test_packaging.py"]
 REPEATED = ["tests/test_systemd_upgrade.py", "tests/test_systemd_reliability.py",
@@ -85,6 +96,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             row["lost"] += r["requests"][1]
             if "soak" in r:
                 row["samples"] = r["soak"]
+                last = r["soak"].strip().splitlines()[-1].split()[0]
+                row["scenario"] = f"{last} {row['scenario']}"
     for row in rows.values():
         row["verdict"] = "pass" if row["failed_runs"] == 0 else "FAIL"
         row["note"] = next((n for k, n in LOSS_NOTES.items() if k in row["test"]), "")
@@ -117,6 +130,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     failed = sum(r["failed_runs"] for r in rows)
     out += [f"In all: {len(rows)} scenarios, {total} runs, {failed} failed; "
             f"{sum(r['answered'] for r in rows):,} requests answered, {sum(r['lost'] for r in rows)} lost.", ""]
+    if KNOWN:
+        out += ["## Seen elsewhere, not explained yet", "", *(f"- {k}" for k in KNOWN), ""]
     return "\n".join(out)
 
 
@@ -124,8 +139,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--soak-upgrades", type=int, default=500)
     args = parser.parse_args()
-    env = dict(os.environ, CADENZA_REQUIRE_SYSTEMD="1")
+    env = dict(os.environ, CADENZA_REQUIRE_SYSTEMD="1", CADENZA_SOAK_UPGRADES=str(args.soak_upgrades))
     runs = []
     with tempfile.TemporaryDirectory(prefix="cadenza-reliability-") as tmp:
         if "CADENZA_DEB" not in env:   # one package for every run
