@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import array
 import os
-import secrets
 import socket
 import struct
 import time
@@ -106,7 +105,8 @@ class NotifyInbox:
     """A generation's own NOTIFY_SOCKET, in the abstract namespace so nothing is left on disk."""
 
     def __init__(self, label: str):
-        self.address = f"@cadenza/{label}/{os.getpid()}/{secrets.token_hex(4)}"
+        # os.urandom, not the secrets module: that one loads OpenSSL, megabytes in every master.
+        self.address = f"@cadenza/{label}/{os.getpid()}/{os.urandom(4).hex()}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)

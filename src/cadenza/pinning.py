@@ -13,7 +13,6 @@ import os
 import shlex
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 from . import config as C
@@ -63,6 +62,7 @@ def _launcher(root: Path, program: str, fallback: list[str] | None, extra: list[
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    import tempfile   # here, not at the top: it pulls in hashlib (OpenSSL), megabytes in every master
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
