@@ -43,7 +43,7 @@ KNOWN = [
     "keep-alive request to a draining worker got its response headers (`Content-Length: 19`) and "
     "then the end of the connection, without the body (`IncompleteRead(0 bytes read, 19 more "
     "expected)`); the worker closed that connection as idle once its 1 s grace was over. It did "
-    "not happen again in 3,800 more upgrades under systemd (three soaks of 500; one of 800 and one "
+    "not happen in 4,300 other upgrades under systemd (four soaks of 500; one of 800 and one "
     "of 1,500 with five keep-alive clients, 1,030,000 requests between these two; none failed), nor in 350 upgrades "
     "and 510 rolling restarts with 4–6 keep-alive clients outside systemd. The test clients now "
     "print the headers of such a response, the worker's pid (`X-Pid`) among them.",
