@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import tally
+
 VENV_BIN = Path(sys.executable).parent
 CADENZA = str(VENV_BIN / "cadenza")
 
@@ -30,6 +32,33 @@ def get(port: int, path: str = "/", timeout: float = 10.0, host: str = "127.0.0.
         return resp.status, resp.read().decode()
     finally:
         conn.close()
+
+
+class Client:
+    """Sequential GETs on fresh connections from a thread; every failure is kept, by kind."""
+
+    def __init__(self, port: int):
+        self.port, self.ok, self.failures = port, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, _ = get(self.port, timeout=15)
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(status)
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                self.failures.append(repr(exc))
+
+    def stop(self) -> "Client":
+        self._stop.set()
+        self._thread.join()
+        tally.add(self.ok, len(self.failures))
+        return self
 
 
 class Master:

@@ -7,14 +7,12 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-import tally
-from procs import CADENZA, children, free_port, get
+from procs import CADENZA, Client, children, free_port, get
 
 APP = "rel"
 # The shipped unit's list of exit codes that a restart would not heal.
@@ -41,33 +39,6 @@ Environment=FDSTORE=8
 TimeoutStopSec=20
 {unit_extra}""")
     ns.systemctl("daemon-reload", check=True)
-
-
-class Client:
-    """Sequential GETs on fresh connections from a thread; every failure is kept, by kind."""
-
-    def __init__(self, port: int):
-        self.port, self.ok, self.failures = port, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, _ = get(self.port, timeout=15)
-                if status == 200:
-                    self.ok += 1
-                else:
-                    self.failures.append(status)
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                self.failures.append(repr(exc))
-
-    def stop(self) -> "Client":
-        self._stop.set()
-        self._thread.join()
-        tally.add(self.ok, len(self.failures))
-        return self
 
 
 def host_pid(ns, unit: str) -> int:

@@ -12,16 +12,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import sdns
-import tally
 
-from procs import VENV_BIN, free_port, get
+from procs import VENV_BIN, Client, free_port, get
 
 CADENZA = str(VENV_BIN / "cadenza")
 APP = "shop"
@@ -123,21 +121,7 @@ def test_hardened_unit_serves_upgrades_reports_and_stops(systemd, root):
     ns.wait_for(f"{APP}.service", "ActiveState", "active")
     first = ns.show(f"{APP}.service", "MainPID")["MainPID"]
 
-    failures, answered = [], []
-    stop = threading.Event()
-
-    def client():
-        while not stop.is_set():
-            try:
-                status, _ = get(root.port, timeout=10)
-                if status != 200:
-                    failures.append(status)
-                else:
-                    answered.append(status)
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                failures.append(repr(exc))
-    thread = threading.Thread(target=client)
-    thread.start()
+    client = Client(root.port)
     try:
         root.deploy()
         reload = ns.systemctl("reload", f"{APP}.service")
@@ -153,10 +137,8 @@ def test_hardened_unit_serves_upgrades_reports_and_stops(systemd, root):
         assert "releases/2" in get(root.port)[1]
         assert "no_such_module" in ns.journal("-o", "cat")
     finally:
-        stop.set()
-        thread.join()
-        tally.add(len(answered), len(failures))
-    assert failures == []
+        client.stop()
+    assert client.failures == []
 
     st = json.loads(ctl(ns, root, "status", "--json").stdout)
     assert st["unit"]["ActiveState"] == "active" and str(st["unit"]["MainPID"]) == after["MainPID"]

@@ -233,7 +233,7 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.accepting:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
                     # The connection stays queued and would wake the loop again at once: pause.
                     log.error("control socket: out of file descriptors (%s); not accepting for %gs. "
                               "Raise LimitNOFILE= in the unit", exc.strerror, ACCEPT_PAUSE)
