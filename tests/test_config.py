@@ -6,6 +6,7 @@ import pytest
 
 from cadenza import config
 from cadenza.config import ConfigError, Readiness
+from cadenza.trust import config_problems
 
 FULL = """
 [app]
@@ -91,12 +92,18 @@ def test_defaults():
     assert cfg.control_socket == Path("/run/cadenza/cadenza/control.sock")
 
 
-def test_empty_file_equals_defaults_but_for_source(tmp_path):
+def test_empty_file_names_no_app_and_is_refused(tmp_path):
+    # An empty or truncated cadenza.toml in a new release must never serve the built-in demo.
     path = write(tmp_path, "")
     cfg = config.load(path)
-    assert cfg.source == path
-    assert cfg.workers.app == config.DEFAULT_APP
-    assert cfg == dataclasses.replace(config.defaults(), source=path)
+    assert cfg.source == path and cfg.workers.app is None and cfg.workers.command is None
+    with pytest.raises(ConfigError) as exc:
+        config.require_app(cfg)
+    assert str(path) in str(exc.value) and "names no application" in str(exc.value)
+
+
+def test_no_file_at_all_serves_the_demo():
+    assert config.require_app(config.defaults()).workers.app == config.DEFAULT_APP == "cadenza.demo:app"
 
 
 def test_command_instead_of_app(tmp_path):
@@ -553,14 +560,14 @@ def test_safe_file(tmp_path):
     path = write(tmp_path, "")
     path.chmod(0o644)
     tmp_path.chmod(0o755)
-    assert config.check_file_safety(path) == []
+    assert config_problems(path) == []
 
 
 def test_world_writable_file(tmp_path):
     path = write(tmp_path, "")
     path.chmod(0o666)
     tmp_path.chmod(0o755)
-    problems = config.check_file_safety(path)
+    problems = config_problems(path)
     assert len(problems) == 1
     assert problems[0].startswith(f"{path}: the config file is writable by group and others (mode 0666)")
     assert problems[0].endswith(f"run chmod go-w {path}")
@@ -570,7 +577,7 @@ def test_group_writable_directory(tmp_path):
     path = write(tmp_path, "")
     path.chmod(0o600)
     tmp_path.chmod(0o775)
-    problems = config.check_file_safety(path)
+    problems = config_problems(path)
     assert problems == [f"{tmp_path}: the directory holding cadenza.toml is writable by group "
                         f"(mode 0775), so they could change what the service runs; run chmod g-w {tmp_path}"]
 
@@ -579,14 +586,14 @@ def test_others_writable_file_and_directory(tmp_path):
     path = write(tmp_path, "")
     path.chmod(0o602)
     tmp_path.chmod(0o757)
-    problems = config.check_file_safety(path)
+    problems = config_problems(path)
     assert len(problems) == 2
     assert "writable by others (mode 0602)" in problems[0] and f"chmod o-w {path}" in problems[0]
     assert "writable by others (mode 0757)" in problems[1] and f"chmod o-w {tmp_path}" in problems[1]
 
 
 def test_file_safety_of_missing_file(tmp_path):
-    problems = config.check_file_safety(tmp_path / "nope.toml")
+    problems = config_problems(tmp_path / "nope.toml")
     assert problems[0].startswith(f"{tmp_path / 'nope.toml'}: cannot check permissions")
 
 

@@ -67,7 +67,7 @@ def test_listen_variables(fds, pid, names):
 def test_control_socket_garbage_and_unexpected_signals(tmp_path):
     sock_path = tmp_path / "ctl.sock"
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[workers]\ncount = 1\n[control]\nsocket = "{sock_path}"\n')
+    cfg.write_text(f'[workers]\ncount = 1\napp = "cadenza.demo:app"\n[control]\nsocket = "{sock_path}"\n')
     port = free_port()
     m = Master(tmp_path, "-c", str(cfg), "--bind", f"127.0.0.1:{port}")
     try:

@@ -264,7 +264,7 @@ def test_no_zombies_after_many_worker_deaths(start):
 
 
 def test_config_writable_by_others_is_refused(start, tmp_path):
-    cfg = write_config(tmp_path, "[workers]\ncount = 1\n")
+    cfg = write_config(tmp_path, '[workers]\ncount = 1\napp = "cadenza.demo:app"\n')
     cfg.chmod(0o666)
     m = start("-c", str(cfg), "--bind", f"127.0.0.1:{free_port()}")
     assert m.wait_exit() == 78

@@ -23,7 +23,7 @@ PREVENT = [line for line in SHIPPED_UNIT.read_text().splitlines() if line.starts
 def write_app(ns, port: int, extra_workers: str = "", unit_extra: str = "", control: str = "") -> None:
     cfg = ns.state / "rel.toml"
     cfg.write_text(f'[app]\nname = "{APP}"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
-                   f'[workers]\ncount = 2\nready_timeout = 10\ngraceful_timeout = 5\n{extra_workers}'
+                   f'[workers]\ncount = 2\napp = "cadenza.demo:app"\nready_timeout = 10\ngraceful_timeout = 5\n{extra_workers}'
                    f'[control]\nsocket = "{control or ns.state / "rel.sock"}"\n')
     # No socket unit: cadenza binds, and FileDescriptorStoreMax= keeps its sockets across restarts.
     # systemd 252 does not set $FDSTORE itself (254 does), so the unit says it.

@@ -26,6 +26,8 @@ def service_unit(config: Path, *args: str, restart: str = "no", stop_timeout: in
 
 def config_toml(name: str, **workers: object) -> str:
     # json.dumps renders str, int and lists of str as valid TOML values.
+    if "command" not in workers:
+        workers.setdefault("app", "cadenza.demo:app")
     lines = ["[app]", f"name = {json.dumps(name)}", "[workers]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in workers.items()]
     return "\n".join(lines) + "\n"

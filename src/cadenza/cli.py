@@ -17,13 +17,14 @@ from pathlib import Path
 
 import setproctitle
 
-from . import __version__, limits, logs, unitfiles
+from . import __version__, logs
+from .daemon import limits
+from .trust import config_problems
 from . import config as C
-from .control import ControlError, bind_socket
+from .control.server import ControlError, bind_socket
 from .listeners import ListenerError, adopt_from_env, bind, parse_address
 from .master import Master
 from .notify import Notifier
-from .pinning import PinError, pin
 from .succession import CONTROL_FDNAME, Heir
 
 EX_USAGE, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_CANTCREAT = 64, 78, 71, 70, 73
@@ -84,8 +85,8 @@ def config_path(explicit: str | None) -> Path | None:
 def load_config(args, command: list[str] | None = None) -> C.Config:
     path = config_path(args.config)
     cfg = C.load(path) if path else C.defaults()
-    return C.override(cfg, binds=getattr(args, "bind", None), workers=getattr(args, "workers", None),
-                      app=getattr(args, "app", None), command=command or None)
+    return C.require_app(C.override(cfg, binds=getattr(args, "bind", None), workers=getattr(args, "workers", None),
+                      app=getattr(args, "app", None), command=command or None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_units(args) -> int:
+    from .tools import unitfiles
     try:
         units = unitfiles.render(args.name, Path(args.root), args.listen, args.user)
         for path in unitfiles.write(units, Path(args.output)):
@@ -120,6 +122,7 @@ def cmd_units(args) -> int:
 
 
 def cmd_pin(args) -> int:
+    from .tools.pinning import PinError, pin
     try:
         for path in pin(Path(args.root), args.python, args.socket, args.unit):
             print(f"wrote {path}")
@@ -140,7 +143,7 @@ def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
     except C.ConfigError as exc:
         log.error("configuration refused, not starting:\n%s", exc)
         return EX_CONFIG
-    unsafe = C.check_file_safety(cfg.source, writers=0o002) if cfg.source else []
+    unsafe = config_problems(cfg.source, writers=0o002) if cfg.source else []
     if unsafe:
         log.error("configuration refused, not starting:\n%s", "\n".join(unsafe))
         return EX_CONFIG
@@ -225,7 +228,7 @@ def cmd_check(args, command: list[str]) -> int:
         return 1
     path = config_path(args.config)
     if path:
-        problems += C.check_file_safety(path)
+        problems += config_problems(path)
     release = os.path.realpath(cfg.directory) if cfg.directory else os.getcwd()
     if cfg.directory and not os.path.isdir(release):
         problems.append(f"{cfg.directory}: app.directory does not resolve to an existing directory")
@@ -241,7 +244,7 @@ def cmd_check(args, command: list[str]) -> int:
 
 def _check_import(app: str, release: str) -> list[str]:
     # Imported in a child process: checking must not run the application's code in this one.
-    code = "import sys; from cadenza.appworker import load_app; load_app(sys.argv[1])"
+    code = "import sys; from cadenza.worker.app import load_app; load_app(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, app], cwd=release, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": release})
     if proc.returncode == 0:

@@ -14,9 +14,7 @@ import json
 import keyword
 import os
 import re
-import shlex
 import socket
-import stat
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -339,8 +337,6 @@ def _validate_document(document: dict[str, Any], report: _Report) -> dict[str, d
 def _check_workers(workers: dict[str, Any], report: _Report) -> None:
     if "app" in workers and "command" in workers:
         report.add("workers", "set either workers.app or workers.command, not both")
-    elif "app" not in workers and "command" not in workers:
-        workers["app"] = DEFAULT_APP
     ready, limit = workers.get("ready"), workers.get("ready_timeout", WorkersSection.ready_timeout)
     # A worker counts as ready only after `uptime`; if that is past ready_timeout, no worker ever is.
     if isinstance(ready, Readiness) and ready.kind == "uptime" and ready.seconds >= limit > 0:
@@ -390,6 +386,19 @@ def defaults() -> Config:
                   ControlSection())
 
 
+def require_app(config: Config) -> Config:
+    """A config *file* must name what it serves: an empty or truncated cadenza.toml in a new release
+    would otherwise serve the built-in demo in production. Only `cadenza run` with no file at
+    all serves the demo."""
+    if config.workers.app or config.workers.command:
+        return config
+    if config.source is not None:
+        raise ConfigError([f"{config.source}: workers: names no application; set workers.app = "
+                           '"module:object" or workers.command = [...] (an empty or truncated file '
+                           "is refused rather than served as the built-in demo)"])
+    return replace(config, workers=replace(config.workers, app=DEFAULT_APP))
+
+
 def override(config: Config, *, binds: list[str] | None = None, workers: int | None = None,
              app: str | None = None, command: list[str] | None = None) -> Config:
     """Apply command-line flags, which win over the file. Empty `binds`/`command` mean "not given"."""
@@ -416,28 +425,32 @@ def override(config: Config, *, binds: list[str] | None = None, workers: int | N
     return replace(config, listen=listen, workers=section)
 
 
-_WRITERS = {0o020: ("group", "g"), 0o002: ("others", "o"), 0o022: ("group and others", "go")}
+# ---- where a config is found, and which release it serves ----------------------------------
+
+def discover(explicit: str | os.PathLike | None, directory: str | os.PathLike | None = None) -> Path | None:
+    """The config file a master reads: -c FILE, else $CADENZA_CONFIG, else ./cadenza.toml when it
+    exists. Relative paths are taken from `directory` (a new generation's working directory,
+    which the pre-flight checks before the new master is started there), else from here."""
+    base = Path(directory) if directory is not None else Path()
+    if explicit:
+        return base / explicit
+    if os.environ.get("CADENZA_CONFIG"):
+        return base / os.environ["CADENZA_CONFIG"]
+    candidate = base / "cadenza.toml"
+    return candidate if candidate.is_file() else None
 
 
-def check_file_safety(path: str | os.PathLike, writers: int = 0o022) -> list[str]:
-    """Problems if anyone but the owner may change the config or swap it for another file.
+class ReleaseError(Exception):
+    pass
 
-    Whoever can write the config decides what the next generation execs, so a group- or
-    world-writable file or directory hands the service account to that group or to everyone.
-    `writers` picks what counts: 0o022 group and others (`cadenza check`), 0o002 others only
-    (what `cadenza run` and an upgrade refuse).
-    """
-    file = Path(path)
-    problems = []
-    holder = f"the directory holding {file.name}"
-    for target, what in ((file, "the config file"), (file.parent, holder)):
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except OSError as exc:
-            problems.append(f"{target}: cannot check permissions of {what}: {exc.strerror or exc}")
-            continue
-        who, flag = _WRITERS.get(mode & writers, (None, ""))
-        if who:
-            problems.append(f"{target}: {what} is writable by {who} (mode {mode:04o}), so they could "
-                            f"change what the service runs; run chmod {flag}-w {shlex.quote(str(target))}")
-    return problems
+
+def resolve_release(config: Config) -> str:
+    """What `directory` (e.g. ROOT/current) points at now: every worker of a generation runs there.
+    Resolved once per generation; the unresolved path is what the next generation starts in."""
+    if config.directory is None:
+        return os.getcwd()
+    release = os.path.realpath(config.directory)
+    if not os.path.isdir(release):
+        raise ReleaseError(f"{config.directory} (app.directory) does not resolve to an existing directory "
+                           f"(it points at {release}); deploy a release and point the symlink at it")
+    return release

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import commands, control
+from .control import commands
+from .control import server as control
 from . import workers as W
 from .config import Config
 from .listeners import Listener, unix_paths

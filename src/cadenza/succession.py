@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import config as C
 from .listeners import Listener
-from .pinning import unsafe_reason
+from .trust import config_problems, unsafe_reason
 from .workers import PRIVATE_VARIABLES, describe_status, fork, place_fds
 
 log = logging.getLogger("cadenza.succession")
@@ -87,7 +87,7 @@ def preflight(cfg: C.Config, argv: list[str], service_uid: int | None = None) ->
             C.load(config_path)
         except C.ConfigError as exc:
             raise UpgradeRefused(f"the new release's config is invalid:\n{exc}") from None
-        unsafe = C.check_file_safety(config_path, writers=0o002)
+        unsafe = config_problems(config_path, writers=0o002)
         if unsafe:
             raise UpgradeRefused("the new release's config is unsafe:\n" + "\n".join(unsafe))
     return Plan(str(exec_path), directory, release, config_path)

@@ -53,7 +53,7 @@ def backoff_delay(failures: int) -> float:
 
 
 def builtin_argv(app: str) -> list[str]:
-    return [sys.executable, "-m", "cadenza.appworker", app]
+    return [sys.executable, "-m", "cadenza.worker.app", app]
 
 
 def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,

@@ -1,7 +1,7 @@
 """Benchmarks 2 (reload overhead) and 5 (scale): cadenza's upgrades in a private systemd, idle.
 
 Reload overhead = `systemctl reload APP` wall time minus the app's own start-to-ready time:
-WORKERS copies of cadenza's built-in worker (`python -m cadenza.appworker app:app`, the very
+WORKERS copies of cadenza's built-in worker (`python -m cadenza.worker.app app:app`, the very
 program a generation starts) launched at once on one listening socket, timed from spawn to the
 last READY=1 on a NOTIFY_SOCKET of ours. The two are measured alternately (start, reload, start,
 reload ...) so that both see the same machine. Every few reloads, one more upgrade is driven
@@ -34,7 +34,7 @@ def app_start_to_ready(app_dir: Path, sock: socket.socket, workers: int, timeout
     env.update(LISTEN_FDS="1", NOTIFY_SOCKET=path)
     fd = sock.fileno()
     # sh puts the socket at fd 3 and sets LISTEN_PID to the pid that exec keeps.
-    cmd = f'LISTEN_PID=$$ exec {PYTHON} -m cadenza.appworker app:app{fd_at_3(fd)}'
+    cmd = f'LISTEN_PID=$$ exec {PYTHON} -m cadenza.worker.app app:app{fd_at_3(fd)}'
     children, ready = [], 0
     try:
         t0 = time.monotonic()

@@ -1,7 +1,7 @@
 """Benchmark 3: throughput overhead of the supervisor.
 
 Two listening sockets, bound here the same way (127.0.0.1, backlog 1024), each with its fleet:
-  bare     N x `python -m cadenza.appworker app:app` started directly (the socket as fd 3,
+  bare     N x `python -m cadenza.worker.app app:app` started directly (the socket as fd 3,
            LISTEN_FDS=1, LISTEN_PID = its own pid), no supervisor at all;
   cadenza  `cadenza run` with [workers] count = N, app = "app:app" and its socket as fd 3 (as
            systemd would pass it), which starts the same N worker programs on it.
@@ -39,7 +39,7 @@ def _env() -> dict[str, str]:
 
 def _start(kind: str, app_dir: Path, fd: int, workers: int) -> subprocess.Popen:
     if kind == "bare":
-        one = f"LISTEN_PID=\\$\\$ exec {PYTHON} -m cadenza.appworker app:app"
+        one = f"LISTEN_PID=\\$\\$ exec {PYTHON} -m cadenza.worker.app app:app"
         cmd = f'for i in $(seq {workers}); do sh -c "{one}" & done; wait'
     else:
         cmd = f"LISTEN_PID=$$ exec {VENV_BIN / 'cadenza'} run -c cadenza.toml"

@@ -26,17 +26,14 @@ from pathlib import Path
 
 log = logging.getLogger("cadenza.control")
 
-MAX_REQUEST = 64 * 1024
+from .protocol import COMMANDS, DENIED, MAX_REQUEST, OK, READ_ONLY, USAGE
+
 MAX_PENDING = 1 << 20
 MAX_CLIENTS = 64
 REQUEST_TIMEOUT = 5.0
 ACCEPT_PAUSE = 1.0      # after accept() found no free file descriptor
-READ_ONLY = {"status"}
-COMMANDS = {"status", "upgrade", "restart", "scale", "stop"}
 _UCRED = struct.Struct("3i")
 
-# Exit codes of supervisorctl (DESIGN §2), carried in the final "done" event.
-OK, FAILED, USAGE, UNREACHABLE, DENIED = 0, 1, 2, 3, 4
 
 
 class ControlError(Exception):

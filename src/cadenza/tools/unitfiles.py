@@ -16,10 +16,10 @@ import re
 import socket
 from pathlib import Path
 
-from . import config as C
-from .listeners import parse_address
+from .. import config as C
+from ..listeners import parse_address
 
-TEMPLATES = Path(__file__).parent / "units"
+TEMPLATES = Path(__file__).parent.parent / "units"
 MARGIN = 30
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
 

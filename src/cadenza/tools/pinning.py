@@ -11,32 +11,15 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 import sys
 from pathlib import Path
 
-from . import config as C
+from .. import config as C
+from ..trust import unsafe_reason
 
 
 class PinError(Exception):
     pass
-
-
-def unsafe_reason(path: Path, service_uid: int) -> str | None:
-    """Why someone other than root or the service user could replace `path`; None when nobody can."""
-    trusted = {0, service_uid}
-    current = Path(os.path.abspath(path))
-    for part in [current, *current.parents]:
-        st = os.stat(part)
-        if st.st_uid not in trusted:
-            who = "root" if service_uid == 0 else f"root or the service user (uid {service_uid})"
-            return f"{part} is owned by uid {st.st_uid}, not {who}; chown root {part}"
-        # A root-owned sticky directory (/tmp) lets nobody rename another user's entries.
-        sticky_root = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0
-        if st.st_mode & 0o022 and not sticky_root:
-            who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[st.st_mode & 0o022]
-            return f"{part} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w {part}"
-    return None
 
 
 def _launcher(root: Path, program: str, fallback: list[str] | None, extra: list[str]) -> str:
@@ -105,7 +88,7 @@ def pin(root: Path, python: str | None = None, socket: str | None = None, unit: 
             raise PinError(f"cannot read the control socket from {cfg_path}:\n{exc}") from None
     bindir = root / "shared" / "bin"
     bindir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    reason = unsafe_reason(bindir, os.geteuid())
+    reason = unsafe_reason(bindir, os.geteuid(), directory=True)
     if reason:
         raise PinError(f"refusing to pin into {bindir}: {reason}")
     py = shared_python(root, python)

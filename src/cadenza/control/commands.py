@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import time
 
-from . import control
-from . import succession as preflight
+from . import protocol as control
+from .. import succession as preflight
 
 
 def run(master, client, cmd: str, request: dict) -> None:

@@ -1,0 +1,47 @@
+"""The control protocol (DESIGN §5), shared by the master's server and supervisorctl.
+
+A client sends one line `{"cmd": COMMAND, ...}` and reads events, one JSON object per line,
+until `{"done": true, "ok": ..., "code": ...}` and EOF. `code` is supervisorctl's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..exitcodes import CTL_DENIED as DENIED
+from ..exitcodes import CTL_FAILED as FAILED
+from ..exitcodes import CTL_OK as OK
+from ..exitcodes import CTL_UNREACHABLE as UNREACHABLE
+from ..exitcodes import CTL_USAGE as USAGE
+
+__all__ = ["OK", "FAILED", "USAGE", "UNREACHABLE", "DENIED", "COMMANDS", "READ_ONLY", "MAX_REQUEST",
+           "encode", "parse_request", "done"]
+
+COMMANDS = ("status", "upgrade", "restart", "scale", "stop")
+READ_ONLY = frozenset({"status"})
+MAX_REQUEST = 64 * 1024
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def encode(message: dict) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def done(code: int, text: str = "", **extra) -> dict:
+    return {"done": True, "ok": code == OK, "code": code, "text": text, **extra}
+
+
+def parse_request(line: bytes) -> dict:
+    """The request object, or BadRequest saying what is wrong with it."""
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise BadRequest(f"malformed request: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        raise BadRequest("malformed request: expected an object with a string \"cmd\"")
+    if request["cmd"] not in COMMANDS:
+        raise BadRequest(f"unknown command {request['cmd']!r}; commands: {', '.join(sorted(COMMANDS))}")
+    return request

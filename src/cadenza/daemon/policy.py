@@ -1,0 +1,165 @@
+"""The one table of policy: what every event does in every state of a generation (DESIGN §4.1).
+
+A master runs one generation. Its state is named from the domain, and the cell
+(state, event) says what happens: an action of the generation, or a refusal with its reason.
+Signals, control commands, timers and the hand-off channel all come through `decide`, so no
+guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
+
+    first generation:   STARTING ─────────────────────────────► SERVING
+    next generation:    STARTING ─► STANDBY ─► APPOINTED ─► TAKING_OVER ─► SERVING
+    an upgrade (N):     SERVING ─► UPGRADING ─► COMMITTED ─► LEAVING ─► (gone)
+                                      └─(fails)─► SERVING
+    any state ──stop──► STOPPING ─► (gone)           (LEAVING keeps draining)
+
+- STANDBY: our workers are ready and the predecessor knows it; it has not named us in MAINPID=.
+- APPOINTED: the predecessor sent MAINPID=us; systemd may not have taken it yet (the barrier).
+- TAKING_OVER: we are main, the predecessor still drains. A stop waits for it; an upgrade waits.
+- COMMITTED: we sent MAINPID= for the successor. From here the hand-over cannot be undone:
+  nothing we do may stop, kill or disown the successor; a stop is forwarded to it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    STANDBY = "standby"
+    APPOINTED = "appointed"
+    SERVING = "serving"
+    TAKING_OVER = "taking over"
+    UPGRADING = "upgrading"
+    COMMITTED = "committed"
+    LEAVING = "leaving"
+    STOPPING = "stopping"
+
+    @property
+    def main(self) -> bool:
+        """Whether a master in this state is systemd's main process and answers the control socket."""
+        return self in MAIN_STATES
+
+
+MAIN_STATES = frozenset({State.SERVING, State.TAKING_OVER, State.UPGRADING})
+
+
+class Event(enum.Enum):
+    # requests: signals and control commands
+    STOP = "stop"                       # TERM, QUIT, `supervisorctl stop`
+    STOP_NOW = "immediate stop"         # INT
+    UPGRADE = "upgrade"                 # USR2, `supervisorctl upgrade`
+    RESTART = "rolling restart"         # HUP, `supervisorctl restart`
+    GROW = "add a worker"               # TTIN, `supervisorctl scale`
+    SHRINK = "remove a worker"          # TTOU, `supervisorctl scale`
+    # our own workers
+    WORKERS_READY = "all workers ready"
+    START_FAILED = "start failed"       # ready_timeout passed, or workers keep failing
+    RESPAWN = "respawn"                 # a slot's backoff is over, or its worker died
+    DRAINED = "drained"                 # no worker of ours is left
+    # the predecessor (we are the next generation)
+    APPOINTED_NOTICE = "named in MAINPID="
+    MAIN_NOTICE = "made main"
+    STOP_NOTICE = "told to stop"
+    PREDECESSOR_GONE = "predecessor gone"
+    # the successor (we started an upgrade)
+    SUCCESSOR_READY = "successor ready"
+    SUCCESSOR_FAILED = "successor failed"
+    BARRIER = "systemd took MAINPID="
+    SUCCESSOR_GONE = "successor gone"
+
+
+REQUESTS = (Event.STOP, Event.STOP_NOW, Event.UPGRADE, Event.RESTART, Event.GROW, Event.SHRINK)
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The event is refused in this state; `why` completes "generation G is STATE, ..."."""
+    why: str
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """Nothing to do, by design (a late timer, a duplicate notice); `why` is logged at debug."""
+    why: str
+
+
+Cell = str | Refuse | Ignore   # a str names a method of Generation: `on_<name>`
+
+_S = State
+_NOT_MAIN = Refuse("not main: only the main generation takes requests")
+_UPGRADING = Refuse("upgrading: the generation that serves after the upgrade takes it")
+_LEAVING = Refuse("leaving: it drains and exits, and starts nothing new")
+_STOPPING = Refuse("stopping: it drains and exits, and starts nothing new")
+_STARTING = Refuse("starting: wait until it serves")
+
+_ALL = tuple(State)
+
+
+def _row(default: Cell, **cells: Cell) -> dict[State, Cell]:
+    row = {state: default for state in _ALL}
+    for name, cell in cells.items():
+        row[State[name]] = cell
+    return row
+
+
+# One row per event, one cell per state. Read a row across to see where an event is obeyed.
+TABLE: dict[Event, dict[State, Cell]] = {
+    Event.STOP: _row(
+        "stop", COMMITTED="forward_stop", LEAVING=Ignore("already draining: a stop changes nothing"),
+        STOPPING=Ignore("already stopping")),
+    Event.STOP_NOW: _row(
+        "stop_now", COMMITTED="forward_stop_now", LEAVING="stop_now", STOPPING="stop_now"),
+    Event.UPGRADE: _row(
+        _NOT_MAIN, SERVING="start_upgrade", UPGRADING="join_upgrade", TAKING_OVER="defer_upgrade",
+        STARTING=_STARTING, COMMITTED="join_upgrade", LEAVING=_LEAVING, STOPPING=_STOPPING),
+    Event.RESTART: _row(
+        _NOT_MAIN, SERVING="restart", TAKING_OVER="restart", STARTING=_STARTING,
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+    Event.GROW: _row(
+        _NOT_MAIN, SERVING="grow", TAKING_OVER="grow", STARTING=_STARTING,
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+    Event.SHRINK: _row(
+        _NOT_MAIN, SERVING="shrink", TAKING_OVER="shrink", STARTING=_STARTING,
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+    Event.WORKERS_READY: _row(
+        Ignore("not waiting for readiness"), STARTING="started"),
+    Event.START_FAILED: _row(
+        Ignore("already started"), STARTING="start_failed"),
+    # A respawn keeps a serving generation whole; a leaving one only drains (defect: a TTIN or a
+    # respawn reaching a leaving generation started an old-release worker, cut mid-request later).
+    Event.RESPAWN: _row(
+        "respawn", COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
+        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
+    Event.DRAINED: _row(
+        Ignore("workers come back"), LEAVING="maybe_exit", STOPPING="maybe_exit"),
+    Event.APPOINTED_NOTICE: _row(
+        Ignore("not waiting for MAINPID="), STANDBY="appointed"),
+    Event.MAIN_NOTICE: _row(
+        Ignore("not waiting to be made main"), STANDBY="made_main", APPOINTED="made_main"),
+    Event.STOP_NOTICE: _row(
+        Ignore("the predecessor no longer decides"), STARTING="stop", STANDBY="stop", APPOINTED="stop"),
+    # Once named in MAINPID=, the predecessor's death ends the hand-over: we are main (DESIGN §4.1).
+    Event.PREDECESSOR_GONE: _row(
+        Ignore("no predecessor"), STARTING="orphaned", STANDBY="orphaned", APPOINTED="made_main",
+        TAKING_OVER="predecessor_gone", STOPPING="predecessor_gone"),
+    Event.SUCCESSOR_READY: _row(
+        Ignore("no upgrade waits for readiness"), UPGRADING="commit"),
+    Event.SUCCESSOR_FAILED: _row(
+        Ignore("no upgrade to fail"), UPGRADING="upgrade_failed", STOPPING="upgrade_failed",
+        COMMITTED=Ignore("committed: the successor's fate is systemd's now")),
+    Event.BARRIER: _row(
+        Ignore("no hand-over waits for systemd"), COMMITTED="hand_over"),
+    Event.SUCCESSOR_GONE: _row(
+        Ignore("no successor"), UPGRADING="successor_gone", STOPPING="successor_gone",
+        COMMITTED="successor_gone", LEAVING="successor_gone"),
+}
+
+
+def decide(state: State, event: Event) -> Cell:
+    return TABLE[event][state]
+
+
+def refusal(generation: int, state: State, event: Event, cell: Refuse) -> str:
+    """The one phrasing of every refusal: what was asked, of whom, and why not."""
+    return f"{event.value} refused: generation {generation} is {cell.why}"

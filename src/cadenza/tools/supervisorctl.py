@@ -1,0 +1,223 @@
+"""`supervisorctl`: talks to a running cadenza master over its control socket.
+
+Exit codes (DESIGN §2): 0 done; 1 the operation failed (for `upgrade`: the old generation is
+still serving); 2 usage or config error; 3 cannot reach the master; 4 permission denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .. import config as C
+from ..control.protocol import DENIED, FAILED, OK, UNREACHABLE, USAGE
+
+EPILOG = """exit codes: 0 done; 1 the operation failed (for upgrade: the old generation is still
+serving); 2 usage or config error; 3 cannot reach the master; 4 permission denied.
+SIGTERM ends the wait with 0 (systemd sends it to ExecReload= when the service stops).
+
+The control socket is -s SOCKET, else control.socket of -c FILE, else /run/cadenza/NAME/control.sock
+for -u NAME[.service], else $CADENZA_CONTROL_SOCKET, else that of ./cadenza.toml."""
+
+
+class Failure(Exception):
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supervisorctl", description="Control a running cadenza master.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-s", "--socket", metavar="SOCKET", help="control socket path")
+    p.add_argument("-c", "--config", metavar="FILE", help="read control.socket from this cadenza.toml")
+    p.add_argument("-u", "--unit", metavar="UNIT", help="the systemd unit (default: the one the master "
+                                                        "runs in; also picks /run/cadenza/NAME/control.sock)")
+    sub = p.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="generations, workers, releases, last upgrade, unit state")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    up = sub.add_parser("upgrade", help="start the next generation and wait until it serves")
+    up.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="give up waiting after this long (default: wait for the master's outcome)")
+    up.add_argument("--no-wait", action="store_true", help="return once the new generation was started")
+    sub.add_parser("restart", help="rolling restart of the workers, same generation")
+    scale = sub.add_parser("scale", help="set the number of workers: N, +N or -N")
+    scale.add_argument("count", metavar="N|+N|-N")
+    sub.add_parser("stop", help="graceful stop of the master and its workers")
+    sub.add_parser("doctor", help="what in the unit or the service would break an upgrade, with the fix")
+    return p
+
+
+def socket_path(args) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if args.config:
+        try:
+            return C.load(args.config).control_socket
+        except C.ConfigError as exc:
+            raise Failure(USAGE, f"cannot read the control socket from {args.config}:\n{exc}") from None
+    if args.unit:
+        name = args.unit.removesuffix(".service")
+        return Path(f"/run/cadenza/{name}/control.sock")
+    if os.environ.get("CADENZA_CONTROL_SOCKET"):
+        return Path(os.environ["CADENZA_CONTROL_SOCKET"])
+    if Path("cadenza.toml").is_file():
+        try:
+            return C.load("cadenza.toml").control_socket
+        except C.ConfigError as exc:
+            raise Failure(USAGE, f"cannot read the control socket from ./cadenza.toml:\n{exc}") from None
+    return C.defaults().control_socket
+
+
+def request(path: Path, message: dict, timeout: float | None):
+    """Yields every event the master sends, the final {"done": ...} one last."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except PermissionError:
+        raise Failure(DENIED, f"permission denied on {path}: ask for access to the control socket "
+                              "(control.allow_users / allow_groups)") from None
+    except OSError as exc:
+        raise Failure(UNREACHABLE, f"cannot reach the master at {path}: {exc.strerror}; is it running? "
+                                   "(-s SOCKET, -c FILE or -u UNIT picks another)") from None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with sock, sock.makefile("rb") as stream:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Failure(FAILED, f"gave up waiting after {timeout:g}s; the master goes on: "
+                                          "see `supervisorctl status`")
+                sock.settimeout(remaining)
+            try:
+                line = stream.readline()
+            except TimeoutError:
+                continue
+            if not line:
+                raise Failure(FAILED, "the master closed the connection before answering "
+                                      "(it may have stopped); see `supervisorctl status`")
+            event = json.loads(line)
+            yield event
+            if event.get("done"):
+                return
+
+
+def doctor(args) -> int:
+    from .doctor import diagnose
+    status = None
+    try:
+        for event in request(socket_path(args), {"cmd": "status"}, 10):
+            status = event.get("status")
+    except Failure as exc:
+        print(f"note: {exc} (checking the unit only)")
+    unit = args.unit or (status or {}).get("systemd_unit")
+    if not unit:
+        raise Failure(USAGE, "doctor needs the unit: -u UNIT (the master runs in none it could name)")
+    findings, props = diagnose(unit, status)
+    for problem, fix in findings:
+        print(f"PROBLEM {problem}\n    fix: {fix}")
+    if not findings:
+        print(f"ok: {unit} has what an upgrade needs (systemd {props.get('Version') or '?'})")
+    return FAILED if findings else OK
+
+
+def run(args) -> int:
+    if args.command == "doctor":
+        return doctor(args)
+    path = socket_path(args)
+    message = {"cmd": args.command}
+    if args.command == "upgrade":
+        message["no_wait"] = args.no_wait
+    if args.command == "scale":
+        message["count"] = args.count
+    timeout = getattr(args, "timeout", None)
+    last = ""
+    for event in request(path, message, timeout):
+        if not event.get("done"):
+            last = event.get("text", "")
+            print(f"{time.strftime('%H:%M:%S')} {last}", flush=True)
+            continue
+        if args.command == "status" and event["ok"]:
+            status = event.get("status", {})
+            unit = args.unit or status.get("systemd_unit")
+            if unit:
+                status["unit"] = unit_state(unit)
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+        elif event.get("text") and not event["ok"]:
+            print(event["text"], file=sys.stderr)
+        elif event.get("text") and event["text"] != last:
+            print(event["text"])
+        for line in event.get("output") or []:
+            print(f"  | {line}", file=sys.stderr)
+        return int(event.get("code", FAILED))
+    return FAILED
+
+
+def unit_state(unit: str) -> dict:
+    from .systemd import unit_properties
+    return unit_properties(unit)
+
+
+def format_status(st: dict) -> str:
+    lines = [f"{st.get('app')}: generation {st.get('generation')} {st.get('state')}"
+             f"{'' if st.get('main') else ' (not main yet)'}, master pid {st.get('pid')}, up {st.get('age')}s",
+             f"  release   {st.get('release')}{'' if st.get('release_exists') else '  (DELETED)'}",
+             f"  listeners {', '.join(st.get('listeners', []))}"]
+    workers = st.get("workers", [])
+    ready = sum(1 for w in workers if w["state"] == "ready")
+    lines.append(f"  workers   {ready}/{st.get('target_workers')} ready")
+    for w in workers:
+        lines.append(f"    {w['id']:>3}  pid {w['pid']:<8} {w['state']:<9} age {w['age']:>8}s  "
+                     f"restarts {w['restarts']}")
+    up = st.get("upgrading")
+    if up:
+        lines.append(f"  upgrading to generation {up['generation']} (pid {up['pid']}, {up['state']}, "
+                     f"{up.get('progress') or 'starting'}) from {up['release']}")
+    last = st.get("last_upgrade")
+    if last:
+        verdict = "ok" if last["ok"] else f"FAILED: {last['reason']}"
+        lines.append(f"  last upgrade to generation {last['generation']}: {verdict} ({last['duration']}s)")
+    unit = st.get("unit")
+    if unit:
+        lines.append("  unit      " + " ".join(f"{k}={v}" for k, v in unit.items()))
+    return "\n".join(lines)
+
+
+class Terminated(Exception):
+    pass
+
+
+def _on_term(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # systemd SIGTERMs ExecReload= when the service stops during an upgrade; the master then
+    # abandons the upgrade itself. Exiting non-zero would mark an operator's stop as failed.
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return USAGE if exc.code else OK
+    try:
+        return run(args)
+    except Failure as exc:
+        print(f"supervisorctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return FAILED
+    except Terminated:
+        print("supervisorctl: stopped waiting (SIGTERM); the master carries the operation on or "
+              "abandons it: see `supervisorctl status`", file=sys.stderr)
+        return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
