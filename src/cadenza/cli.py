@@ -1,38 +1,27 @@
-"""`cadenza` command line. Only this module turns errors into exit codes.
+"""`cadenza` command line. Only this module turns errors into exit codes (listed in exitcodes.py).
 
-Exit codes of the daemon (sysexits, so units can list the permanent ones in
-RestartPreventExitStatus=): 0 clean stop; 64 usage; 78 configuration (the config file, or a unit
-setting such as a too low LimitNOFILE=); 73 the control socket could not be created; 71 a listener
-could not be bound or adopted; 75 the workers did not become ready in time; 70 internal error.
+`cadenza run` loads the daemon (cadenza.daemon.boot) and nothing of the operator tools; `pin` and
+`units` load theirs (cadenza.tools) only when asked, so that a master never carries them.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import setproctitle
-
-from . import __version__, logs
-from .daemon import limits
-from .trust import config_problems
+from . import __version__, exitcodes
 from . import config as C
-from .control.server import ControlError, bind_socket
-from .listeners import ListenerError, adopt_from_env, bind, parse_address
-from .master import Master
-from .notify import Notifier
-from .succession import CONTROL_FDNAME, Heir
+from .trust import config_problems
 
-EX_USAGE, EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_CANTCREAT = 64, 78, 71, 70, 73
-log = logging.getLogger("cadenza")
+EPILOG = "exit codes of `cadenza run`: " + exitcodes.describe(exitcodes.DAEMON)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cadenza", description="Prefork supervisor that lives under systemd.")
+def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cadenza", description="Prefork supervisor that lives under systemd.",
+                                     epilog=EPILOG, exit_on_error=exit_on_error)
     parser.add_argument("--version", action="version", version=f"cadenza {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a master and its workers",
@@ -74,19 +63,11 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
                         help="config file (default: $CADENZA_CONFIG, else ./cadenza.toml when it exists)")
 
 
-def config_path(explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("CADENZA_CONFIG"):
-        return Path(os.environ["CADENZA_CONFIG"])
-    return Path("cadenza.toml") if Path("cadenza.toml").is_file() else None
-
-
 def load_config(args, command: list[str] | None = None) -> C.Config:
-    path = config_path(args.config)
+    path = C.discover(args.config)
     cfg = C.load(path) if path else C.defaults()
     return C.require_app(C.override(cfg, binds=getattr(args, "bind", None), workers=getattr(args, "workers", None),
-                      app=getattr(args, "app", None), command=command or None))
+                                    app=getattr(args, "app", None), command=command or None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if command and args.command != "run":
         print("cadenza: a worker command after -- is only for `cadenza run`", file=sys.stderr)
-        return EX_USAGE
+        return exitcodes.USAGE
     if args.command == "run":
         return cmd_run(args, command, raw_argv)
     if args.command == "pin":
@@ -117,7 +98,7 @@ def cmd_units(args) -> int:
             print(f"wrote {path}")
     except (unitfiles.UnitError, OSError) as exc:
         print(f"cadenza units: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return exitcodes.CONFIG
     return 0
 
 
@@ -128,95 +109,30 @@ def cmd_pin(args) -> int:
             print(f"wrote {path}")
     except PinError as exc:
         print(f"cadenza pin: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return exitcodes.CONFIG
     return 0
 
 
 def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
-    # Titled before anything touches the environment: setproctitle finds the memory it may
-    # overwrite (argv, then environ) on its first call, and an edited environ can defeat that.
-    setproctitle.setproctitle("cadenza master")
-    log_fd = os.environ.get("CADENZA_LOG_FD", "")
-    logs.setup("master", final_fd=int(log_fd) if log_fd.isdigit() else None)
+    from .daemon.boot import run
+    return run(args, command, raw_argv)
+
+
+def parse_run_argv(argv: list[str]):
+    """`cadenza run`'s arguments exactly as main() reads them: (args, worker command). ValueError
+    when they are not valid. The pre-flight uses this for the next generation's argv."""
+    argv = list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     try:
-        cfg = load_config(args, command)
-    except C.ConfigError as exc:
-        log.error("configuration refused, not starting:\n%s", exc)
-        return EX_CONFIG
-    unsafe = config_problems(cfg.source, writers=0o002) if cfg.source else []
-    if unsafe:
-        log.error("configuration refused, not starting:\n%s", "\n".join(unsafe))
-        return EX_CONFIG
-    problem = limits.open_files_problem()
-    if problem:
-        log.error("not starting: %s", problem)
-        return EX_CONFIG
-    release = resolve_release(cfg)
-    if release is None:
-        return EX_CONFIG
-    heir = Heir.from_environ()
-    # What an earlier generation bound itself, and so the last generation to stop removes.
-    owned = set(os.environ.pop("CADENZA_OWNS", "").split(","))
-    try:
-        listeners = adopt_from_env()
-        control = _take_control(listeners)
-        bound_here = not listeners or "listeners" in owned
-        if not listeners:
-            listeners = [bind(parse_address(text), f"listen-{i}") for i, text in enumerate(cfg.listen.addresses, 1)]
-    except ListenerError as exc:
-        log.error("%s", exc)
-        return EX_OSERR
-    control_owned = control is None or "control" in owned
-    if control is None:
-        try:
-            control = bind_socket(cfg.control_socket)
-        except ControlError as exc:
-            # Without it neither `systemctl reload` nor supervisorctl could reach this master.
-            log.error("not starting: %s", exc)
-            return EX_CANTCREAT
-    notifier = Notifier.from_environ()
-    store_max = os.environ.pop("FDSTORE", "0")
-    if heir is None and store_max.isdigit() and int(store_max) > 0:
-        # What we bound ourselves goes to systemd's fd store too: after a crash or a restart the
-        # next master gets the same sockets back, and nothing is refused. systemd 254+ sets
-        # $FDSTORE from FileDescriptorStoreMax=; on 252 the unit sets Environment=FDSTORE=N itself.
-        offer = [(l.fd, l.name) for l in listeners] if bound_here else []
-        if control is not None and control_owned:
-            offer.append((control.fileno(), CONTROL_FDNAME))
-        if offer and notifier.store_fds(offer):
-            owned.add("fdstore")
-    generation = int(os.environ.pop("CADENZA_GENERATION", "1") or 1)
-    setproctitle.setproctitle(f"cadenza master gen {generation} [{cfg.app.name}]")
-    master = Master(cfg, listeners, notifier, generation=generation, release=release, bound_here=bound_here,
-                    heir=heir, argv=raw_argv, control=control, control_owned=control_owned,
-                    fd_store="fdstore" in owned)
-    try:
-        return master.run()
-    except Exception:
-        log.exception("internal error in the master; please report it with this traceback")
-        return EX_SOFTWARE
-
-
-def _take_control(listeners):
-    """The control socket arrives with the listeners, named cadenza-control, from master N."""
-    for listener in listeners:
-        if listener.name == CONTROL_FDNAME:
-            listeners.remove(listener)
-            return listener.sock
-    return None
-
-
-def resolve_release(cfg: C.Config) -> str | None:
-    """Resolve `directory` (e.g. ROOT/current) once: every worker of this generation runs there."""
-    directory = cfg.directory
-    if directory is None:
-        return os.getcwd()
-    release = os.path.realpath(directory)
-    if not os.path.isdir(release):
-        log.error("%s (app.directory) does not resolve to an existing directory (got %s); "
-                  "deploy a release and point the symlink at it", directory, release)
-        return None
-    return release
+        args = _parser(exit_on_error=False).parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise ValueError(str(exc)) from None
+    if args.command != "run":
+        raise ValueError(f"expected `run`, got {args.command!r}")
+    return args, command
 
 
 def cmd_check(args, command: list[str]) -> int:
@@ -226,7 +142,7 @@ def cmd_check(args, command: list[str]) -> int:
     except C.ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    path = config_path(args.config)
+    path = C.discover(args.config)
     if path:
         problems += config_problems(path)
     release = os.path.realpath(cfg.directory) if cfg.directory else os.getcwd()

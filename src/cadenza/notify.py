@@ -2,7 +2,8 @@
 
 `Notifier` speaks to systemd (or to whoever set NOTIFY_SOCKET: our own master, for a worker).
 `NotifyInbox` is the datagram socket a master gives its generation as NOTIFY_SOCKET; it reads
-what workers say, with the sender's pid from SO_PASSCRED so that nobody can speak for a worker.
+what workers say, with the sender's pid from SO_PASSCRED so that nobody can speak for a worker,
+and drops unread what other users send (any of them can reach an abstract socket).
 
 sdnotify is not used: it encodes as latin-1 (a STATUS= with a non-latin-1 release path is lost),
 swallows every error (a lost MAINPID= must be noticed), and cannot pass fds (FDSTORE=1).
@@ -11,13 +12,20 @@ swallows every error (a lost MAINPID= must be noticed), and cannot pass fds (FDS
 from __future__ import annotations
 
 import array
+import logging
 import os
 import socket
 import struct
 import time
 
+log = logging.getLogger("cadenza.notify")
+
 _UCRED = struct.Struct("3i")
+_ANCSIZE = socket.CMSG_SPACE(_UCRED.size)   # room for the credentials and nothing else
 MAX_DATAGRAM = 4096
+BATCH = 64                 # datagrams read per wakeup of the master's loop
+DROP_LOG_INTERVAL = 60.0   # seconds between two log lines about dropped datagrams
+_clock = time.monotonic
 
 
 class Notifier:
@@ -102,40 +110,96 @@ def monotonic_usec() -> int:
 
 
 class NotifyInbox:
-    """A generation's own NOTIFY_SOCKET, in the abstract namespace so nothing is left on disk."""
+    """A generation's own NOTIFY_SOCKET, in the abstract namespace so nothing is left on disk.
 
-    def __init__(self, label: str):
+    An abstract socket has no file permissions: any local user can send to it. So only datagrams
+    whose kernel-supplied credentials (SO_PASSCRED) name this process's euid or root are read
+    further, and each wakeup reads at most `batch` of them, whoever sent them: a flood costs the
+    master a bounded amount of work per turn of its level-triggered loop, and no memory.
+    """
+
+    def __init__(self, label: str, batch: int = BATCH):
         # os.urandom, not the secrets module: that one loads OpenSSL, megabytes in every master.
         self.address = f"@cadenza/{label}/{os.getpid()}/{os.urandom(4).hex()}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        # No SO_RCVBUF: an AF_UNIX datagram socket does not count its queue against it. The queue
+        # holds at most net.unix.max_dgram_qlen datagrams (systemd sets 512), each charged to its
+        # sender's SO_SNDBUF; a sender that finds it full waits or gets EAGAIN.
         self.sock.bind(_sockaddr(self.address))
+        self.batch = batch
+        self.uid = os.geteuid()
+        self.dropped = 0                 # datagrams not read: another user's, or no credentials
+        self._buf = bytearray(MAX_DATAGRAM)
+        self._unlogged = 0               # dropped since the last log line
+        self._logged_at: float | None = None
+        self._last_sender: tuple[int, int] | None = None   # (uid, pid) of the last dropped one
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def receive(self) -> list[tuple[int, dict[str, str]]]:
-        """Everything queued now, as (sender pid, fields); datagrams without credentials are dropped."""
+        """Up to `batch` queued datagrams as (sender pid, fields); the rest wait for the next
+        call. Datagrams from another uid than this process's euid or root, or without
+        credentials, are dropped unparsed and counted in `dropped`."""
         out = []
-        while True:
+        view = memoryview(self._buf)
+        for _ in range(self.batch):
             try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
+                size, ancdata, _flags, _addr = self.sock.recvmsg_into([self._buf], _ANCSIZE)
             except (BlockingIOError, InterruptedError):
-                return out
-            pid = _sender_pid(ancdata)
-            if pid is not None:
-                out.append((pid, parse_fields(data)))
+                break
+            creds = _credentials(ancdata)
+            if creds is None or creds[1] not in (0, self.uid):
+                self._drop(creds)
+                continue
+            out.append((creds[0], parse_fields(bytes(view[:size]))))
+        if self._unlogged:
+            self._log_drops()
+        return out
+
+    def _drop(self, creds: tuple[int, int, int] | None) -> None:
+        self.dropped += 1
+        self._unlogged += 1
+        self._last_sender = (creds[1], creds[0]) if creds else None
+
+    def _log_drops(self) -> None:
+        now = _clock()
+        if self._logged_at is not None and now - self._logged_at < DROP_LOG_INTERVAL:
+            return
+        if self._last_sender is None:
+            last = "without sender credentials"
+        else:
+            last = "from uid %d pid %d" % self._last_sender
+        allowed = "root" if self.uid == 0 else f"uid {self.uid} or root"
+        log.warning("notify socket %s: dropped %d datagram(s) not sent by %s (%d in all); the last %s",
+                    self.address, self._unlogged, allowed, self.dropped, last)
+        self._logged_at = now
+        self._unlogged = 0
 
     def close(self) -> None:
         self.sock.close()
 
 
-def _sender_pid(ancdata) -> int | None:
+def _credentials(ancdata) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) from SCM_CREDENTIALS; closes any fds that came along."""
+    creds = None
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
-            return _UCRED.unpack_from(payload)[0]
-    return None
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            creds = _UCRED.unpack_from(payload)
+        elif kind == socket.SCM_RIGHTS:
+            # _ANCSIZE leaves no room for any, so the kernel discards them (MSG_CTRUNC); should
+            # one arrive all the same, do not keep it.
+            fds = array.array("i")
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    return creds
 
 
 def parse_fields(data: bytes) -> dict[str, str]:

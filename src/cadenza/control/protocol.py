@@ -15,7 +15,7 @@ from ..exitcodes import CTL_UNREACHABLE as UNREACHABLE
 from ..exitcodes import CTL_USAGE as USAGE
 
 __all__ = ["OK", "FAILED", "USAGE", "UNREACHABLE", "DENIED", "COMMANDS", "READ_ONLY", "MAX_REQUEST",
-           "encode", "parse_request", "done"]
+           "BadRequest", "BadAnswer", "encode", "parse_request", "parse_event", "done"]
 
 COMMANDS = ("status", "upgrade", "restart", "scale", "stop")
 READ_ONLY = frozenset({"status"})
@@ -23,6 +23,10 @@ MAX_REQUEST = 64 * 1024
 
 
 class BadRequest(ValueError):
+    pass
+
+
+class BadAnswer(ValueError):
     pass
 
 
@@ -45,3 +49,16 @@ def parse_request(line: bytes) -> dict:
     if request["cmd"] not in COMMANDS:
         raise BadRequest(f"unknown command {request['cmd']!r}; commands: {', '.join(sorted(COMMANDS))}")
     return request
+
+
+def parse_event(line: bytes) -> dict:
+    """One event from the master, or BadAnswer saying why it is none."""
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise BadAnswer(f"not JSON ({exc}): {line[:80]!r}") from None
+    if not isinstance(event, dict):
+        raise BadAnswer(f"not a JSON object: {line[:80]!r}")
+    if event.get("done") and (not isinstance(event.get("code"), int) or isinstance(event["code"], bool)):
+        raise BadAnswer(f"a final event without an integer code: {line[:80]!r}")
+    return event

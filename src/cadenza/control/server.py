@@ -2,38 +2,55 @@
 
 A client sends one line `{"cmd": "status" | "upgrade" | "restart" | "scale" | "stop", ...}` and
 reads events, one JSON object per line, until `{"done": true, "ok": ..., "code": ...}` and EOF.
-Who may do what is decided by SO_PEERCRED: root and the service user everything, `allow_users`
-and `allow_groups` too, `status_groups` only `status`; everyone else is told "permission
-denied" and logged with uid and pid.
+
+Who may do what is decided at accept, from the credentials the kernel captured at connect()
+(SO_PEERCRED, SO_PEERGROUPS), before a byte is read: root and the service user everything,
+`allow_users` and `allow_groups` too, `status_groups` only `status`. Everyone else is told
+"permission denied" at once, logged with uid and pid, and hung up on: they never hold a slot.
+Read-only peers have MAX_READERS slots of their own, so no crowd of them can take the
+MAX_CLIENTS slots kept for those who may reload.
 
 Garbage costs the master nothing: a line longer than MAX_REQUEST, a client that sends nothing
-for REQUEST_TIMEOUT or reads nothing while MAX_PENDING bytes wait for it, and connections beyond
-MAX_CLIENTS are dropped; every socket is non-blocking and lives in the master's one selector.
+for REQUEST_TIMEOUT, or one that reads nothing for STALL_TIMEOUT (or lets MAX_PENDING bytes
+pile up) is dropped. Once the request is read the socket is no longer watched for reads at all,
+only for writes while output waits, so a client that half-closes or closes after its request
+wakes the loop never (a full close is noticed when its answer cannot be written).
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import grp
-import json
 import logging
 import os
 import pwd
+import selectors
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
+from typing import Callable
+
+from .protocol import (DENIED, FAILED, OK, READ_ONLY, UNREACHABLE, USAGE, BadRequest, MAX_REQUEST,  # noqa: F401
+                       done, encode, parse_request)
 
 log = logging.getLogger("cadenza.control")
 
-from .protocol import COMMANDS, DENIED, MAX_REQUEST, OK, READ_ONLY, USAGE
-
 MAX_PENDING = 1 << 20
-MAX_CLIENTS = 64
+MAX_CLIENTS = 64        # connections of peers who may do everything
+MAX_READERS = 16        # connections of status_groups peers, counted apart
 REQUEST_TIMEOUT = 5.0
+STALL_TIMEOUT = 30.0    # output waits and the client reads none of it
 ACCEPT_PAUSE = 1.0      # after accept() found no free file descriptor
+ACCEPT_BATCH = 32       # connections taken per wake-up, so a flood cannot starve the workers
+DENIAL_LOG_BURST = 10   # denials logged one by one per DENIAL_LOG_WINDOW, then counted
+DENIAL_LOG_WINDOW = 10.0
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
 _UCRED = struct.Struct("3i")
 
+FULL, READER = "full", "read-only"
 
 
 class ControlError(Exception):
@@ -92,13 +109,15 @@ class Access:
         self.gids = {_gid(name) for name in allow_groups} - {None}
         self.status_gids = {_gid(name) for name in status_groups} - {None}
 
-    def allows(self, uid: int, pid: int, cmd: str) -> bool:
-        if uid in self.uids:
-            return True
-        groups = _groups_of(pid)
-        if groups & self.gids:
-            return True
-        return cmd in READ_ONLY and bool(groups & self.status_gids)
+    def rank(self, uid: int, groups: set[int]) -> str | None:
+        """FULL, READER or None (refused), for a peer with this uid and these groups."""
+        if uid in self.uids or groups & self.gids:
+            return FULL
+        return READER if groups & self.status_gids else None
+
+    def allows(self, uid: int, groups: set[int], cmd: str) -> bool:
+        rank = self.rank(uid, groups)
+        return rank == FULL or (rank == READER and cmd in READ_ONLY)
 
 
 def _uid(name: str) -> int | None:
@@ -117,15 +136,24 @@ def _gid(name: str) -> int | None:
         return None
 
 
-def _groups_of(pid: int) -> set[int]:
-    """Primary and supplementary groups of the peer (SO_PEERCRED gives only the primary one)."""
+def peer_credentials(sock: socket.socket) -> tuple[int, int, set[int]]:
+    """(pid, uid, groups) of the peer as the kernel saw it at connect(): primary and
+    supplementary groups from SO_PEERGROUPS, not from /proc/PID, which a peer that exits (and
+    a pid that is reused) would make lie."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    try:   # Python caps the buffer at 1024 bytes: 256 groups; a peer in more gets ERANGE
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError:   # that, or a kernel without SO_PEERGROUPS
+        return pid, uid, {gid} | _proc_groups(pid)
+    return pid, uid, {gid} | set(array.array("I", raw[: len(raw) // 4 * 4]))
+
+
+def _proc_groups(pid: int) -> set[int]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Gid:"):
-                gids = {int(line.split()[1])}
-            elif line.startswith("Groups:"):
-                return gids | {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError, UnboundLocalError):
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
         pass
     return set()
 
@@ -133,22 +161,44 @@ def _groups_of(pid: int) -> set[int]:
 class Client:
     """One connection: reads one request line, then writes events until done."""
 
-    def __init__(self, server: "ControlServer", sock: socket.socket):
+    def __init__(self, server: "ControlServer", sock: socket.socket, pid: int, uid: int, rank: str):
         self.server = server
+        self.loop = server.loop
         self.sock = sock
+        self.pid, self.uid, self.rank = pid, uid, rank
         self.inbuf = b""
-        self.outbuf = b""
+        self.outbuf = bytearray()
         self.closing = False
         self.closed = False
         self.request: dict | None = None
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        self.pid, self.uid, self.gid = pid, uid, gid
-        self.timer = server.host.timers.after(REQUEST_TIMEOUT, self._request_timeout)
+        self.events = 0          # what the loop watches this socket for
+        self.stall = None        # Timer while output waits for a client that reads none of it
+        self.timer = self.loop.after(REQUEST_TIMEOUT, self._request_timeout)
+        self._watch(selectors.EVENT_READ)
 
     def describe(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
 
-    def on_readable(self) -> None:
+    def _watch(self, events: int) -> None:
+        if events == self.events or self.closed:
+            return
+        if events == 0:
+            self.loop.remove(self.sock)
+        elif self.events == 0:
+            self.loop.add_reader(self.sock, self._on_event)
+            if events != selectors.EVENT_READ:
+                self.loop.set_events(self.sock, events, self._on_event)
+        else:
+            self.loop.set_events(self.sock, events, self._on_event)
+        self.events = events
+
+    def _on_event(self) -> None:
+        if self.request is None and not self.closing:
+            self._read()
+        else:
+            self.flush()   # writable, or hung up (EPOLLHUP): send() says which
+
+    def _read(self) -> None:
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -157,74 +207,135 @@ class Client:
             self.close()
             return
         if not data:
-            if self.request is None:
-                self.close()
+            self.close()   # gone before asking anything
             return
-        if self.request is not None:
-            return   # one request per connection; anything more is ignored
         self.inbuf += data
         if b"\n" not in self.inbuf:
             if len(self.inbuf) > MAX_REQUEST:
+                self.request = {}
                 self.finish(USAGE, f"request longer than {MAX_REQUEST} bytes")
             return
-        line = self.inbuf.split(b"\n", 1)[0]
+        self._handle(self.inbuf.split(b"\n", 1)[0])
+
+    def _handle(self, line: bytes) -> None:
+        # One request per connection: from here on nothing the client sends or does (more bytes,
+        # a half-close, EOF) is read, so none of it can wake the loop.
         self.timer.cancel()
-        self.server.handle(self, line)
+        self.inbuf = b""
+        self._watch(0)
+        try:
+            request = parse_request(line)
+        except BadRequest as exc:
+            self.request = {}
+            self.finish(USAGE, str(exc))
+            return
+        self.request = request
+        cmd = request["cmd"]
+        if self.rank != FULL and cmd not in READ_ONLY:
+            log.warning("control: %s denied to uid %d (pid %d): control.status_groups may only read",
+                        cmd, self.uid, self.pid)
+            self.finish(DENIED, f"permission denied: uid {self.uid} may not {cmd}; its group is in "
+                                "control.status_groups, which may only ask for status")
+            return
+        log.info("control: %s from %s", cmd, self.describe())
+        try:
+            self.server.on_command(self, cmd, request)
+        except Exception as exc:   # noqa: BLE001 - the caller must hear how its request ended
+            log.exception("internal error in control command %s from %s (please report this)",
+                          cmd, self.describe())
+            self.finish(FAILED, f"internal error in {cmd}: {exc!r}; see the master's log")
 
     def _request_timeout(self) -> None:
         if self.request is None and not self.closed:
+            self.request = {}
             self.finish(USAGE, f"no request within {REQUEST_TIMEOUT:g}s")
 
     def send(self, message: dict) -> None:
-        if self.closed:
+        if self.closed or self.closing:
             return
-        self.outbuf += json.dumps(message).encode() + b"\n"
+        self.outbuf += encode(message)
         if len(self.outbuf) > MAX_PENDING:
-            log.warning("control client %s reads nothing; dropped", self.describe())
+            log.warning("control client %s reads nothing (%d bytes wait for it); dropped",
+                        self.describe(), len(self.outbuf))
             self.close()
             return
         self.flush()
 
     def finish(self, code: int, text: str = "", **extra) -> None:
-        self.send({"done": True, "ok": code == OK, "code": code, "text": text, **extra})
+        self.send(done(code, text, **extra))
         self.closing = True
         self.flush()
 
     def flush(self) -> None:
+        sent_any = False
         while self.outbuf and not self.closed:
             try:
                 sent = self.sock.send(self.outbuf)
             except (BlockingIOError, InterruptedError):
-                self.server.want_write(self, True)
-                return
-            except OSError:
+                break
+            except OSError:   # EPIPE, ECONNRESET: the client is gone
                 self.close()
                 return
-            self.outbuf = self.outbuf[sent:]
-        self.server.want_write(self, False)
-        if self.closing and not self.outbuf:
+            del self.outbuf[:sent]
+            sent_any = True
+        if self.closed:
+            return
+        if not self.outbuf:
+            self._stop_stall()
+            if self.closing:
+                self.close()
+            elif self.request is not None:
+                self._watch(0)
+            return
+        self._watch(selectors.EVENT_WRITE)
+        if sent_any or self.stall is None:
+            self._stop_stall()
+            self.stall = self.loop.after(STALL_TIMEOUT, self._stalled)
+
+    def _stop_stall(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if not self.closed:
+            log.warning("control client %s read nothing for %gs; dropped", self.describe(), STALL_TIMEOUT)
             self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.timer.cancel()
-            self.server.forget(self)
-            self.sock.close()
+        if self.closed:
+            return
+        self._watch(0)
+        self.closed = True
+        self.timer.cancel()
+        self._stop_stall()
+        self.server.forget(self)
+        self.sock.close()
 
 
 class ControlServer:
-    def __init__(self, host, sock: socket.socket, access: Access):
-        self.host = host           # the master: selector, timers, and the commands below
+    """Serves `sock` in `loop` (a cadenza.daemon.loop.Loop); `on_command(client, cmd, request)`
+    runs for every authorised, well-formed request and answers through client.send/finish."""
+
+    def __init__(self, loop, sock: socket.socket, access: Access,
+                 on_command: Callable[[Client, str, dict], None]):
+        self.loop = loop
         self.sock = sock
         self.access = access
-        self.clients: dict[int, Client] = {}
+        self.on_command = on_command
+        self.clients: set[Client] = set()
         self.accepting = True
+        self._paused = None
+        self._denials = [0.0, 0, 0]   # window start, logged in it, not logged in it
         sock.setblocking(False)
-        host.selector.register(sock, 1, self._on_accept)
+        loop.add_reader(sock, self._on_accept)
+
+    def count(self, rank: str) -> int:
+        return sum(1 for c in self.clients if c.rank == rank)
 
     def _on_accept(self) -> None:
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -234,69 +345,79 @@ class ControlServer:
                     # The connection stays queued and would wake the loop again at once: pause.
                     log.error("control socket: out of file descriptors (%s); not accepting for %gs. "
                               "Raise LimitNOFILE= in the unit", exc.strerror, ACCEPT_PAUSE)
-                    self._unregister()
-                    self.host.timers.after(ACCEPT_PAUSE, self._resume)
+                    self.loop.remove(self.sock)
+                    self._paused = self.loop.after(ACCEPT_PAUSE, self._resume)
                 return
-            if len(self.clients) >= MAX_CLIENTS:
+            try:
+                self._admit(conn)
+            except OSError as exc:
+                log.warning("control: dropped a connection that failed at accept: %s", exc)
                 conn.close()
-                continue
-            conn.setblocking(False)
-            client = Client(self, conn)
-            self.clients[conn.fileno()] = client
-            self.host.selector.register(conn, 1, client.on_readable)
 
-    def want_write(self, client: Client, on: bool) -> None:
-        events = 1 | 2 if on else 1
-        try:
-            self.host.selector.modify(client.sock, events, client.flush if on else client.on_readable)
-        except (KeyError, ValueError):
-            pass
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        pid, uid, groups = peer_credentials(conn)
+        rank = self.access.rank(uid, groups)
+        if rank is None:
+            self._log_denial(uid, pid)
+            _answer_and_close(conn, DENIED, f"permission denied: uid {uid} may not use this control "
+                              "socket; root, the service user and control.allow_users/allow_groups "
+                              "may, control.status_groups may read status")
+            return
+        cap = MAX_CLIENTS if rank == FULL else MAX_READERS
+        if self.count(rank) >= cap:
+            log.warning("control: %d %s connections open already; refused pid %d uid %d",
+                        cap, rank, pid, uid)
+            _answer_and_close(conn, UNREACHABLE, f"the master has {cap} {rank} control connections "
+                              "open already; retry once they are done")
+            return
+        self.clients.add(Client(self, conn, pid, uid, rank))
+
+    def _log_denial(self, uid: int, pid: int) -> None:
+        """Every denial is logged, one by one up to a burst per window, then as a count."""
+        now = time.monotonic()
+        if now - self._denials[0] >= DENIAL_LOG_WINDOW:
+            if self._denials[2]:
+                log.warning("control: %d more connection(s) denied in %gs, not logged one by one",
+                            self._denials[2], DENIAL_LOG_WINDOW)
+            self._denials = [now, 0, 0]
+        if self._denials[1] < DENIAL_LOG_BURST:
+            self._denials[1] += 1
+            log.warning("control: denied to uid %d (pid %d): not root, the service user, nor in "
+                        "control.allow_users/allow_groups/status_groups", uid, pid)
+        else:
+            self._denials[2] += 1
 
     def forget(self, client: Client) -> None:
-        fd = client.sock.fileno()
-        if self.clients.get(fd) is client:
-            del self.clients[fd]
-            try:
-                self.host.selector.unregister(client.sock)
-            except (KeyError, ValueError):
-                pass
-
-    def handle(self, client: Client, line: bytes) -> None:
-        try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                raise ValueError("expected an object with a string \"cmd\"")
-        except ValueError as exc:
-            client.request = {}
-            client.finish(USAGE, f"malformed request: {exc}")
-            return
-        client.request = request
-        cmd = request["cmd"]
-        if cmd not in COMMANDS:
-            client.finish(USAGE, f"unknown command {cmd!r}; commands: {', '.join(sorted(COMMANDS))}")
-            return
-        if not self.access.allows(client.uid, client.pid, cmd):
-            log.warning("control: %s denied to uid %d (pid %d)", cmd, client.uid, client.pid)
-            client.finish(DENIED, f"permission denied: uid {client.uid} may not {cmd}")
-            return
-        log.info("control: %s from %s", cmd, client.describe())
-        self.host.control_command(client, cmd, request)
+        self.clients.discard(client)
 
     def _resume(self) -> None:
+        self._paused = None
         if self.accepting:
-            self.host.selector.register(self.sock, 1, self._on_accept)
-
-    def _unregister(self) -> None:
-        try:
-            self.host.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
+            self.loop.add_reader(self.sock, self._on_accept)
 
     def stop_accepting(self) -> None:
-        self.accepting = False
-        self._unregister()
+        if self.accepting:
+            self.accepting = False
+            if self._paused is not None:
+                self._paused.cancel()
+                self._paused = None
+            else:
+                self.loop.remove(self.sock)
 
     def close(self) -> None:
-        for client in list(self.clients.values()):
+        for client in list(self.clients):
             client.close()
         self.stop_accepting()
+
+
+def _answer_and_close(conn: socket.socket, code: int, text: str) -> None:
+    """One final line to a peer we keep nothing for. A fresh socket's buffer always has room;
+    what the peer already sent is read first, so that closing does not reset the connection
+    before it has read the answer."""
+    try:
+        conn.send(encode(done(code, text)))
+        conn.recv(MAX_REQUEST)
+    except OSError:
+        pass
+    conn.close()

@@ -79,6 +79,7 @@ class Loop:
         self.timers = Timers()
         self.children: dict[int, Callable[[int], None]] = {}
         self.on_signal: Callable[[int], None] = lambda signum: None
+        self.after_each: Callable[[], None] = lambda: None   # the owner's bookkeeping after any event
         self.stopped = False
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -137,6 +138,7 @@ class Loop:
     def _guarded(self, handler: Callable[[], None]) -> None:
         try:
             handler()
+            self.after_each()
         except OSError as exc:
             log.error("%s failed: %s; the master carries on", _name(handler), exc)
         except Exception:   # noqa: BLE001 - one bad event must not take the service down

@@ -105,8 +105,11 @@ def _row(default: Cell, **cells: Cell) -> dict[State, Cell]:
 
 # One row per event, one cell per state. Read a row across to see where an event is obeyed.
 TABLE: dict[Event, dict[State, Cell]] = {
+    # Once we may be systemd's main process (APPOINTED, TAKING_OVER), a stop waits for the
+    # predecessor to drain: exiting first would let systemd's final SIGKILL cut its requests.
     Event.STOP: _row(
-        "stop", COMMITTED="forward_stop", LEAVING=Ignore("already draining: a stop changes nothing"),
+        "stop", APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor",
+        COMMITTED="forward_stop", LEAVING=Ignore("already draining: a stop changes nothing"),
         STOPPING=Ignore("already stopping")),
     Event.STOP_NOW: _row(
         "stop_now", COMMITTED="forward_stop_now", LEAVING="stop_now", STOPPING="stop_now"),
@@ -137,8 +140,11 @@ TABLE: dict[Event, dict[State, Cell]] = {
         Ignore("not waiting for MAINPID="), STANDBY="appointed"),
     Event.MAIN_NOTICE: _row(
         Ignore("not waiting to be made main"), STANDBY="made_main", APPOINTED="made_main"),
+    # "stop" comes before the commit (N aborts the upgrade) or right after "main" (a stop reached
+    # N in the barrier window, and N forwards it).
     Event.STOP_NOTICE: _row(
-        Ignore("the predecessor no longer decides"), STARTING="stop", STANDBY="stop", APPOINTED="stop"),
+        Ignore("the predecessor no longer decides"), STARTING="stop", STANDBY="stop",
+        APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor"),
     # Once named in MAINPID=, the predecessor's death ends the hand-over: we are main (DESIGN §4.1).
     Event.PREDECESSOR_GONE: _row(
         Ignore("no predecessor"), STARTING="orphaned", STANDBY="orphaned", APPOINTED="made_main",

@@ -11,12 +11,13 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
 
 from .. import config as C
-from ..control.protocol import DENIED, FAILED, OK, UNREACHABLE, USAGE
+from ..control.protocol import DENIED, FAILED, OK, UNREACHABLE, USAGE, BadAnswer, encode, parse_event
 
 EPILOG = """exit codes: 0 done; 1 the operation failed (for upgrade: the old generation is still
 serving); 2 usage or config error; 3 cannot reach the master; 4 permission denied.
@@ -75,38 +76,81 @@ def socket_path(args) -> Path:
     return C.defaults().control_socket
 
 
+CONNECT_TIMEOUT = 10.0   # how long connect() waits while the master's accept queue is full
+HOW_TO_PICK = "(-s SOCKET, -c FILE or -u UNIT picks another socket)"
+
+
 def request(path: Path, message: dict, timeout: float | None):
-    """Yields every event the master sends, the final {"done": ...} one last."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Yields every event the master sends, the final {"done": ...} one last. Every way of not
+    getting that far is a Failure: DENIED for the socket's file mode, UNREACHABLE for the rest."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        _connect(sock, path)
+        try:
+            sock.sendall(encode(message))
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # it answered (a refusal) and hung up before reading: its answer is still ours to read
+        except OSError as exc:
+            raise _lost(path, exc.strerror) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        buf = b""
+        while True:
+            while b"\n" not in buf:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise Failure(FAILED, f"gave up waiting after {timeout:g}s; the master goes on: "
+                                              "see `supervisorctl status`")
+                    sock.settimeout(remaining)
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    raise _lost(path, exc.strerror) from None
+                if not chunk:
+                    raise _lost(path, "end of file" if not buf else "end of file in the middle of a line")
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            try:
+                event = parse_event(line)
+            except BadAnswer as exc:
+                raise Failure(UNREACHABLE, f"{path} answered with something that is not cadenza's control "
+                                           f"protocol: {exc}; is it a cadenza control socket? "
+                                           f"{HOW_TO_PICK}") from None
+            yield event
+            if event.get("done"):
+                return
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    # SO_SNDTIMEO bounds how long a blocking connect() waits for room in a full backlog;
+    # it then fails with EAGAIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
+        "ll", int(CONNECT_TIMEOUT), int(CONNECT_TIMEOUT % 1 * 1e6)))
     try:
         sock.connect(str(path))
     except PermissionError:
         raise Failure(DENIED, f"permission denied on {path}: ask for access to the control socket "
                               "(control.allow_users / allow_groups)") from None
+    except FileNotFoundError:
+        raise Failure(UNREACHABLE, f"cannot reach the master: no control socket at {path}; is it running? "
+                                   f"{HOW_TO_PICK}") from None
+    except ConnectionRefusedError:
+        raise Failure(UNREACHABLE, f"cannot reach the master: nothing listens on {path} (the socket of a "
+                                   f"master that is gone); is it running? {HOW_TO_PICK}") from None
+    except BlockingIOError:
+        raise Failure(UNREACHABLE, f"cannot reach the master at {path}: its queue of connections stayed full "
+                                   f"for {CONNECT_TIMEOUT:g}s (it is stuck, or flooded with connections); "
+                                   "see its log and `systemctl status`") from None
     except OSError as exc:
-        raise Failure(UNREACHABLE, f"cannot reach the master at {path}: {exc.strerror}; is it running? "
-                                   "(-s SOCKET, -c FILE or -u UNIT picks another)") from None
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with sock, sock.makefile("rb") as stream:
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Failure(FAILED, f"gave up waiting after {timeout:g}s; the master goes on: "
-                                          "see `supervisorctl status`")
-                sock.settimeout(remaining)
-            try:
-                line = stream.readline()
-            except TimeoutError:
-                continue
-            if not line:
-                raise Failure(FAILED, "the master closed the connection before answering "
-                                      "(it may have stopped); see `supervisorctl status`")
-            event = json.loads(line)
-            yield event
-            if event.get("done"):
-                return
+        raise Failure(UNREACHABLE, f"cannot reach the master at {path}: {exc.strerror or exc}; is it running? "
+                                   f"{HOW_TO_PICK}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+
+
+def _lost(path: Path, why: str | None) -> Failure:
+    return Failure(UNREACHABLE, f"lost the master at {path} before it answered ({why}): it may have "
+                                "stopped or restarted; see `supervisorctl status` and its log")
 
 
 def doctor(args) -> int:

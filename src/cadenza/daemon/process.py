@@ -1,4 +1,4 @@
-"""Worker processes: how one is started, what the master knows of it, and the respawn backoff.
+"""Starting child processes: a worker (fork + exec), and what every fork must get right.
 
 Workers are exec'd programs, never forks running the master's code: the master never imports
 application code. A worker receives the listeners as fds 3..n with LISTEN_* set for its own pid
@@ -11,45 +11,15 @@ import ctypes
 import os
 import signal
 import sys
-import time
-from dataclasses import dataclass, field
 
-from .listeners import LISTEN_FDS_START, Listener
+from ..exitcodes import WORKER_APP_ERROR, WORKER_EXEC_FAILED
+from ..listeners import LISTEN_FDS_START, Listener
 
 # Variables of the master's own that a worker must never see (DESIGN §4).
 PRIVATE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
                      "WATCHDOG_USEC", "WATCHDOG_PID", "CADENZA_HANDOFF_FD", "FDSTORE")
 
-BACKOFF_FIRST = 0.1
-BACKOFF_CAP = 10.0
-# A worker that was ready this long before it died is not "failing at start": respawn at once.
-STABLE_AFTER = 10.0
-
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class Worker:
-    id: int
-    pid: int
-    generation: int
-    started: float = field(default_factory=time.monotonic)
-    state: str = "booting"          # booting -> ready -> stopping
-    ready_at: float | None = None
-    status: str = ""
-    failure: str = ""               # why the master killed it, when it did
-    restarts: int = 0
-    last_ping: float | None = None  # its last WATCHDOG=1
-
-    def age(self, now: float | None = None) -> float:
-        return (now or time.monotonic()) - self.started
-
-
-def backoff_delay(failures: int) -> float:
-    """0 for the first death of a stable worker, then 0.1 s doubling up to BACKOFF_CAP."""
-    if failures <= 0:
-        return 0.0
-    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP)
 
 
 def builtin_argv(app: str) -> list[str]:
@@ -140,4 +110,8 @@ def describe_status(status: int) -> str:
         sig = os.WTERMSIG(status)
         return f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() else f"killed by signal {sig}"
     code = os.waitstatus_to_exitcode(status)
-    return "exited with status 127 (could not be executed)" if code == 127 else f"exited with status {code}"
+    if code == WORKER_EXEC_FAILED:
+        return f"exited with status {code} (could not be executed)"
+    if code == WORKER_APP_ERROR:
+        return f"exited with status {code} (the application could not be loaded)"
+    return f"exited with status {code}"

@@ -1,0 +1,502 @@
+"""The generation a master runs: it owns the pool and the upgrade, and obeys the table.
+
+Invariants (DESIGN §4.1):
+- Every signal, control command, timer and notice becomes an Event, and `handle()` looks up
+  (state, event) in policy.TABLE: an action below (`on_<name>`), or a refusal phrased by
+  policy.refusal. Nothing else decides.
+- "Is this the main master" is the state (State.main), stored nowhere else.
+- systemd hears READY=1 only when every slot holds a ready worker; STATUS= always says the
+  generation and how many workers are ready. Only the main master speaks to systemd.
+- The master never imports application code: workers are exec'd programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+from .. import exitcodes
+from ..config import Config
+from ..notify import Notifier, NotifyInbox, monotonic_usec
+from . import preflight
+from .handoff import CONTROL_FDNAME, Inheritance, successor_environment
+from .loop import Loop
+from .policy import Event, Ignore, Refuse, State, decide, refusal
+from .pool import Pool, Spec
+from .process import builtin_argv
+from .succession import Outcome, Stage, Succession
+
+log = logging.getLogger("cadenza.master")
+
+BARRIER_TIMEOUT = 2.0
+HEIR_MAX_FAILURES = 5      # failed worker starts in a row that end an upgrade early
+PREDECESSOR_MARGIN = 5.0   # beyond graceful_timeout, how long a stopping main waits for its predecessor
+SIGNALS = {signal.SIGTERM: Event.STOP, signal.SIGQUIT: Event.STOP, signal.SIGINT: Event.STOP_NOW,
+           signal.SIGHUP: Event.RESTART, signal.SIGTTIN: Event.GROW, signal.SIGTTOU: Event.SHRINK,
+           signal.SIGUSR2: Event.UPGRADE}
+
+
+class Generation:
+    def __init__(self, loop: Loop, config: Config, listeners: list, notifier: Notifier, inherited: Inheritance,
+                 *, release: str, argv: list[str], control_sock, control_owned: bool, bound_here: bool,
+                 fd_store: bool, watchdog_usec: int, serve_control: Callable):
+        self.loop, self.config, self.listeners, self.systemd = loop, config, listeners, notifier
+        self.inherited = inherited
+        self.number = inherited.generation
+        self.name = config.app.name
+        self.release, self.argv = release, argv
+        self.control_sock, self.control_owned = control_sock, control_owned
+        self.bound_here, self.fd_store = bound_here, fd_store
+        self.watchdog_usec = watchdog_usec
+        self._serve_control = serve_control
+        self.control = None
+        self.state = State.STARTING
+        self.started = time.monotonic()
+        self.exit_code: int | None = None
+        self.succession: Succession | None = None
+        self.last_upgrade: Outcome | None = None
+        self.deferred: list[tuple[str, Callable | None]] = []
+        self.pending_stop = False
+        self.exit_code_pending = exitcodes.OK
+        self.waiting_for_predecessor = False
+        self._waits: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+        self._last_status = ""
+        self.inbox = NotifyInbox(f"{self.name}/gen{self.number}")
+        w = config.workers
+        argv_ = list(w.command) if w.command else builtin_argv(w.app)
+        self.pool = Pool(loop, Spec(argv_, self.number, self.name, release, listeners, self.inbox.address,
+                                    w.ready, w.ready_timeout, w.graceful_timeout, w.watchdog, inherited.log_fd),
+                         on_ready=lambda: self.handle(Event.WORKERS_READY),
+                         on_respawn=lambda slot: self.handle(Event.RESPAWN, slot=slot),
+                         on_drained=lambda: self.handle(Event.DRAINED))
+        if inherited.heir:
+            notifier.muted = True   # NotifyAccess=main: systemd would refuse all we said before "main"
+
+    # ---- the one dispatch ---------------------------------------------------------------
+
+    def handle(self, event: Event, **kw) -> str | None:
+        """Apply the table; the refusal's text when refused, else None."""
+        cell = decide(self.state, event)
+        if isinstance(cell, Refuse):
+            text = refusal(self.number, self.state, event, cell)
+            log.warning("%s%s", text, f" (from {kw['source']})" if kw.get("source") else "")
+            watcher = kw.get("watcher")
+            if watcher:
+                watcher({"event": "refused", "text": text, "generation": self.number + 1})
+            return text
+        if isinstance(cell, Ignore):
+            log.debug("%s in state %s: %s", event.value, self.state.value, cell.why)
+        else:
+            getattr(self, f"on_{cell}")(**kw)
+        self._publish_status()
+        return None
+
+    def on_signal(self, signum: int) -> None:
+        event = SIGNALS.get(signum)
+        if event is None:
+            # Their default action would end the master (and with it the service): never.
+            log.warning("ignored %s: cadenza gives it no meaning", signal.Signals(signum).name)
+            return
+        self.handle(event, source=signal.Signals(signum).name)
+
+    # ---- running ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.loop.on_signal = self.on_signal
+        self.loop.after_each = self._publish_status
+        self.loop.install_signals()
+        self.loop.add_reader(self.inbox.sock, self._on_notify)
+        if not self.inherited.heir:
+            self._start_control()
+        else:
+            self.loop.add_reader(self.inherited.channel, self._on_channel)
+            self.loop.add_reader(self.inherited.predecessor_fd, self._on_predecessor_exit)
+        log.info("generation %d starting %d worker(s) in %s on %s", self.number, self.config.workers.count,
+                 self.release, ", ".join(l.describe() for l in self.listeners))
+        for _ in range(self.config.workers.count):
+            self.pool.add_slot()
+        self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
+        if self.watchdog_usec:
+            self._watchdog()
+        self._publish_status()
+        self.loop.run()
+        self._check_waits()
+        return self.exit_code
+
+    def _start_control(self) -> None:
+        if self.control_sock is not None and self.control is None:
+            self.control = self._serve_control(self)
+
+    def _on_notify(self) -> None:
+        for pid, fields in self.inbox.receive():
+            self.pool.notified(pid, fields)
+
+    def _on_channel(self) -> None:
+        channel = self.inherited.channel
+        lines, gone = channel.receive()
+        for line in lines:
+            notice = {"appointed": Event.APPOINTED_NOTICE, "main": Event.MAIN_NOTICE,
+                      "stop": Event.STOP_NOTICE}.get(line)
+            if notice is None:
+                log.error("internal error: unknown line %r from the previous generation", line[:80])
+            else:
+                self.handle(notice, source="the previous generation")
+        if gone and not channel.closed:
+            self.loop.remove(channel)
+            channel.close()
+            self.handle(Event.PREDECESSOR_GONE)
+
+    def _on_predecessor_exit(self) -> None:
+        self.loop.remove(self.inherited.predecessor_fd)
+        self.inherited.close_predecessor()
+        self.handle(Event.PREDECESSOR_GONE)
+
+    def _start_deadline(self) -> None:
+        w = self.config.workers
+        reason = f"{self.pool.ready_count()}/{len(self.pool.slots)} workers ready after {w.ready_timeout:g}s"
+        if self.pool.deaths():
+            reason += f" (last: {self.pool.deaths()[-1]})"
+        self.handle(Event.START_FAILED, reason=reason)
+
+    # ---- starting -----------------------------------------------------------------------
+
+    def on_started(self, **_) -> None:
+        if self.inherited.heir:
+            self.inherited.say(f"progress workers ready {self.pool.ready_count()}/{len(self.pool.slots)}")
+        if not self.pool.all_ready():
+            return
+        log.info("generation %d serving: %d/%d workers ready after %.2fs", self.number, len(self.pool.slots),
+                 len(self.pool.slots), time.monotonic() - self.started)
+        if self.inherited.heir:
+            self.inherited.redirect_output()
+            self.state = State.STANDBY
+            self.inherited.say("ready")    # master N now sends MAINPID=us, then says "main"
+        else:
+            self.state = State.SERVING
+            self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
+
+    def on_start_failed(self, reason: str, **_) -> None:
+        reason = f"generation {self.number} start failed: {reason}"
+        log.error("%s", reason)
+        self.inherited.say(f"failed {reason}")
+        self._stop(exitcodes.TEMPFAIL, status=reason)
+
+    def on_respawn(self, slot, **_) -> None:
+        if self.state is State.STARTING and self.inherited.heir and slot.failures >= HEIR_MAX_FAILURES:
+            self.handle(Event.START_FAILED, reason=f"{slot.failures} failed starts in a row (last: {slot.last_death})")
+            return
+        self.pool.respawn(slot)
+
+    # ---- being handed the service (we are N+1) -----------------------------------------
+
+    def on_appointed(self, **_) -> None:
+        self.state = State.APPOINTED
+
+    def on_made_main(self, **_) -> None:
+        channel = self.inherited.channel
+        if not channel.closed:
+            self.loop.remove(channel)
+            channel.close()
+        self.systemd.muted = False
+        self.state = State.TAKING_OVER if self.inherited.predecessor_fd is not None else State.SERVING
+        log.info("generation %d is main%s", self.number,
+                 "; the previous generation still drains" if self.state is State.TAKING_OVER else "")
+        self._start_control()
+        self.last_upgrade = Outcome(True, self.number, "became main", os.getpid(), [], self.started,
+                                    time.monotonic())
+        self._last_status = ""
+        if self.watchdog_usec:
+            self.systemd.send(watchdog=1)
+
+    def on_orphaned(self, **_) -> None:
+        log.error("the previous generation went away before naming generation %d in MAINPID=; stopping",
+                  self.number)
+        self._stop(exitcodes.UNCLEAN_HANDOVER)
+
+    def on_predecessor_gone(self, **_) -> None:
+        self.inherited.close_predecessor()
+        if self.state is State.TAKING_OVER:
+            log.info("the previous generation has gone: generation %d serves alone", self.number)
+            self.state = State.SERVING
+            deferred, self.deferred = self.deferred, []
+            for source, watcher in deferred:
+                self.handle(Event.UPGRADE, source=source, watcher=watcher)
+        self._maybe_exit()
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def on_stop(self, source: str = "", **_) -> None:
+        log.info("graceful stop requested%s: draining %d worker(s), up to %gs", f" by {source}" if source else "",
+                 len(self.pool.workers), self.config.workers.graceful_timeout)
+        self._stop(exitcodes.OK)
+
+    def on_stop_after_predecessor(self, source: str = "", **_) -> None:
+        # We may be systemd's main process already: exiting before the predecessor drained would
+        # let systemd's final SIGKILL (KillMode=mixed) cut its requests in flight.
+        self.waiting_for_predecessor = True
+        self.loop.after(self.config.workers.graceful_timeout + PREDECESSOR_MARGIN, self._stop_waiting)
+        self.on_stop(source)
+
+    def _stop_waiting(self) -> None:
+        if self.waiting_for_predecessor:
+            log.warning("the previous generation is still running after %gs; not waiting for it any more",
+                        self.config.workers.graceful_timeout + PREDECESSOR_MARGIN)
+            self.waiting_for_predecessor = False
+            self._maybe_exit()
+
+    def on_stop_now(self, source: str = "", **_) -> None:
+        log.info("immediate stop requested%s", f" by {source}" if source else "")
+        if self.succession is not None:
+            self.succession.kill_now()
+        self.waiting_for_predecessor = False
+        self._stop(exitcodes.OK, kill=True)
+
+    def on_forward_stop(self, source: str = "", **_) -> None:
+        log.info("stop requested%s after MAINPID= was sent: generation %d is told to stop once it is main",
+                 f" by {source}" if source else "", self.number + 1)
+        self.pending_stop = True
+
+    def on_forward_stop_now(self, source: str = "", **_) -> None:
+        self.on_forward_stop(source)
+        self.pool.kill_all()
+
+    def _stop(self, code: int, status: str | None = None, kill: bool = False) -> None:
+        if self.state is not State.STOPPING:
+            self.exit_code_pending = code
+            self.systemd.send(stopping=1, status=status or f"generation {self.number} stopping")
+        if self.succession is not None and self.succession.stage is Stage.BOOTING:
+            self.succession.fail("the service is stopping")
+        self._answer_deferred("the service is stopping")
+        self.state = State.STOPPING
+        if kill:
+            self.pool.kill_all()
+        self.pool.drain()
+        self._maybe_exit()
+
+    def on_restart(self, source: str = "", **_) -> None:
+        if not self.pool.restart():
+            log.warning("rolling restart ignored: one is already running")
+
+    def on_grow(self, source: str = "", **_) -> None:
+        slot = self.pool.add_slot()
+        log.info("added worker %d", slot.id)
+
+    def on_shrink(self, source: str = "", **_) -> None:
+        if not self.pool.remove_slot():
+            log.warning("worker count stays at %d: it cannot go below 1", len(self.pool.slots))
+
+    # ---- upgrades (we are N) ------------------------------------------------------------
+
+    def on_start_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        nxt = self.number + 1
+        try:
+            plan = preflight.check(self.config, self.argv)
+        except preflight.UpgradeRefused as exc:
+            log.error("upgrade requested by %s refused: %s", source, exc)
+            now = time.monotonic()
+            self.last_upgrade = Outcome(False, nxt, f"refused: {exc}", started=now, finished=now)
+            if watcher:
+                watcher({"event": "refused", "text": f"upgrade refused: {exc}", "generation": nxt})
+            return
+        log.info("upgrade requested by %s: pre-flight passed, starting generation %d", source, nxt)
+        succession = Succession(self.loop, plan, nxt, timeout=self.config.upgrade.timeout,
+                                graceful_timeout=self.config.workers.graceful_timeout,
+                                report=self._successor_report)
+        if watcher:
+            succession.watchers.append(watcher)
+        self.systemd.send(reloading=1, monotonic_usec=monotonic_usec(), status=f"upgrading to generation {nxt}")
+        succession.emit("preflight", f"pre-flight passed: {plan.exec_path} in {plan.directory} -> {plan.release}")
+        try:
+            succession.start(self._handed_fds(), self.argv, self._successor_env(nxt))
+        except OSError as exc:
+            reason = f"could not start generation {nxt}: {exc.strerror or exc}"
+            log.error("upgrade failed: %s; generation %d keeps serving", reason, self.number)
+            self._upgrade_over(succession, reason)
+            return
+        finally:
+            plan.close()
+        self.succession = succession
+        self.state = State.UPGRADING
+
+    def _handed_fds(self) -> list[tuple[int, str]]:
+        named = [(listener.fd, listener.name) for listener in self.listeners]
+        if self.control_sock is not None:
+            named.append((self.control_sock.fileno(), CONTROL_FDNAME))
+        return named
+
+    def _successor_env(self, nxt: int) -> dict[str, str]:
+        owns = [name for name, mine in (("listeners", self.bound_here), ("control", self.control_owned),
+                                        ("fdstore", self.fd_store)) if mine]
+        return successor_environment(generation=nxt, names=[name for _, name in self._handed_fds()], owns=owns,
+                                     notify_address=self.systemd.address, watchdog_usec=self.watchdog_usec)
+
+    def on_join_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        log.info("upgrade requested by %s: joining the upgrade to generation %d already running",
+                 source, self.succession.generation)
+        if watcher:
+            self.succession.watchers.append(watcher)
+
+    def on_defer_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        log.info("upgrade requested by %s: waiting until generation %d has drained", source, self.number - 1)
+        self.deferred.append((source, watcher))
+        if watcher:
+            watcher({"event": "progress", "generation": self.number + 1,
+                     "text": f"waiting for generation {self.number - 1} to finish draining"})
+
+    def _answer_deferred(self, why: str) -> None:
+        deferred, self.deferred = self.deferred, []
+        for _, watcher in deferred:
+            if watcher:
+                watcher({"event": "refused", "text": f"upgrade refused: {why}", "generation": self.number + 1})
+
+    def _successor_report(self, what: str, reason: str = "") -> None:
+        event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED,
+                 "gone": Event.SUCCESSOR_GONE}[what]
+        self.handle(event, reason=reason) if reason else self.handle(event)
+
+    def on_commit(self, **_) -> None:
+        succession = self.succession
+        if not self.systemd.enabled:
+            succession.appointed()
+            self.state = State.COMMITTED
+            self.on_hand_over()
+            return
+        if not self.systemd.send(mainpid=succession.pid, ready=1, status=f"serving generation {succession.generation}"):
+            succession.fail("could not send MAINPID= to systemd (NOTIFY_SOCKET refused it)")
+            return
+        # MAINPID= is out: from here on there is no way back, only the hand-over.
+        self.state = State.COMMITTED
+        succession.appointed()
+        self._after_barrier(lambda: self.handle(Event.BARRIER))
+
+    def on_hand_over(self, **_) -> None:
+        succession = self.succession
+        if not succession.hand_over(stop=self.pending_stop):
+            log.error("could not tell generation %d it is main: it has gone; systemd decides what follows",
+                      succession.generation)
+        log.info("handed over to generation %d (pid %d); draining %d worker(s)", succession.generation,
+                 succession.pid, len(self.pool.workers))
+        self.last_upgrade = succession.outcome(True)
+        self._leave()
+
+    def _leave(self) -> None:
+        self.systemd.muted = True      # not main any more: systemd would refuse what we said
+        self.state = State.LEAVING
+        self.exit_code_pending = exitcodes.OK
+        if self.control is not None:
+            self.control.stop_accepting()   # new requests go to the new main; ours finish
+        self.pool.drain()
+        self._maybe_exit()
+
+    def on_upgrade_failed(self, reason: str = "", **_) -> None:
+        self._last_status = ""   # STATUS= shows the failing upgrade until it is over
+
+    def on_successor_gone(self, **_) -> None:
+        succession = self.succession
+        if succession is None:
+            return
+        if self.state is State.COMMITTED:
+            log.error("generation %d (pid %d) exited after MAINPID= named it; systemd decides what follows",
+                      succession.generation, succession.pid)
+            self.last_upgrade = succession.outcome(False, "the new generation exited after MAINPID=")
+            self._leave()
+            return
+        if succession.stage is Stage.DONE:
+            return   # the main generation we handed over to has gone: not ours to judge
+        self.succession = None
+        if self.state is State.UPGRADING:
+            self.state = State.SERVING
+        self._upgrade_over(succession, succession.reason or "the new generation exited")
+        self._maybe_exit()
+
+    def _upgrade_over(self, succession: Succession, reason: str) -> None:
+        """A failed upgrade: READY=1 with the reason, then (once systemd took it, so that a failed
+        `systemctl reload` finds the unit active again) the waiting clients hear why."""
+        self.last_upgrade = succession.outcome(False, reason)
+        status = f"upgrade to generation {succession.generation} failed: {reason.splitlines()[0]}"
+        if self.state is not State.STOPPING:
+            self._last_status = status
+            self.systemd.send(ready=1, status=status)
+        def tell() -> None:
+            succession.emit("failed", f"upgrade to generation {succession.generation} failed: {reason}",
+                            output=list(succession.output))
+        if self.state is State.STOPPING:
+            tell()
+        else:
+            self._after_barrier(tell)
+
+    def _after_barrier(self, then: Callable[[], None]) -> None:
+        fd = self.systemd.barrier()
+        if fd is None:
+            self.loop.after(0, then)
+            return
+        fired = []
+
+        def once() -> None:
+            if not fired:
+                fired.append(True)
+                self.loop.remove(fd)
+                os.close(fd)
+                then()
+        self.loop.add_reader(fd, once)
+        self.loop.after(BARRIER_TIMEOUT, once)   # a systemd slow to read must not stall us forever
+
+    # ---- ending -------------------------------------------------------------------------
+
+    def on_maybe_exit(self, **_) -> None:
+        self._maybe_exit()
+
+    def _maybe_exit(self) -> None:
+        if self.state not in (State.STOPPING, State.LEAVING) or self.pool.workers:
+            return
+        if self.state is State.STOPPING:
+            if self.succession is not None and self.succession.stage is not Stage.DONE and self.succession.alive():
+                return   # a next generation that was told to stop is still draining
+            if self.waiting_for_predecessor and self.inherited.predecessor_fd is not None:
+                return   # the previous generation still drains: systemd's SIGKILL would cut it
+        self.exit_code = self.exit_code_pending
+        self.loop.stopped = True
+        self._check_waits()
+
+    # ---- waiting, status ----------------------------------------------------------------
+
+    def wait_until(self, predicate: Callable[[], bool], then: Callable[[], None]) -> None:
+        """Run `then` once `predicate` holds; checked after every handled event."""
+        self._waits.append((predicate, then))
+        self._check_waits()
+
+    def _check_waits(self) -> None:
+        done = [w for w in self._waits if w[0]()]
+        self._waits = [w for w in self._waits if w not in done]
+        for _, then in done:
+            then()
+
+    def status_text(self) -> str:
+        pool = self.pool
+        text = f"generation {self.number} {self.state.value}: {pool.ready_count()}/{len(pool.slots)} workers ready"
+        waiting = [s.last_death for s in pool.slots.values() if s.worker is None and s.last_death]
+        if waiting:
+            text += "; " + waiting[0]
+        if pool.rolling:
+            text += "; rolling restart"
+        return text
+
+    def _publish_status(self) -> None:
+        self._check_waits()
+        text = self.status_text()
+        # A next generation's notifier is muted until it is main: only the main master speaks.
+        if text != self._last_status and self.state not in (State.LEAVING, State.STOPPING):
+            self._last_status = text
+            self.systemd.send(status=text)
+
+    def _watchdog_field(self) -> dict[str, int]:
+        return {"watchdog": 1} if self.watchdog_usec else {}
+
+    def _watchdog(self) -> None:
+        # Reached only when the loop turns, so a stuck master stops pinging and systemd acts.
+        # A muted notifier (not main yet, or handed over) sends nothing: the duty moves with MAINPID.
+        self.systemd.send(watchdog=1)
+        self.loop.after(self.watchdog_usec / 2e6, self._watchdog)

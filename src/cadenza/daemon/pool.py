@@ -1,0 +1,319 @@
+"""A generation's workers: one slot per worker, respawn with backoff, rolling restarts, drain.
+
+The pool knows processes, not policy. It reports to its owner through three callbacks:
+`on_ready()` after any worker became ready, `on_respawn(slot)` when a slot lost its worker
+(the owner consults the table and calls `respawn(slot)` or not), and `on_drained()` when no
+worker is left after `drain()`. A fork that fails (EAGAIN under TasksMax=, ENOMEM) is a worker
+that died at once: the slot is retried with the same backoff, never the end of the master.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import process
+from .loop import Loop, Timer, signal_process
+
+log = logging.getLogger("cadenza.master")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 10.0
+# A worker that was ready this long before it died is not "failing at start": respawn at once.
+STABLE_AFTER = 10.0
+
+
+def backoff_delay(failures: int) -> float:
+    """0 for the first death of a stable worker, then 0.1 s doubling up to BACKOFF_CAP."""
+    if failures <= 0:
+        return 0.0
+    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP)
+
+
+@dataclass
+class Worker:
+    id: int
+    pid: int
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    state: str = "booting"          # booting -> ready -> stopping
+    ready_at: float | None = None
+    status: str = ""
+    failure: str = ""               # why the master killed it, when it did
+    restarts: int = 0
+    last_ping: float | None = None  # its last WATCHDOG=1
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.monotonic()) - self.started
+
+
+@dataclass
+class Slot:
+    """One place for a worker: its process and, during a rolling restart, the next one."""
+    id: int
+    worker: Worker | None = None
+    incoming: Worker | None = None
+    failures: int = 0
+    restarts: int = 0
+    respawn: Timer | None = None
+    last_death: str = ""
+
+
+@dataclass
+class Spec:
+    """How this generation starts a worker."""
+    argv: list[str]
+    generation: int
+    app_name: str
+    release: str
+    listeners: list
+    notify_address: str
+    ready: object                   # config.Readiness
+    ready_timeout: float
+    graceful_timeout: float
+    watchdog: float
+    output_fd: int | None
+
+
+class Pool:
+    def __init__(self, loop: Loop, spec: Spec, *, on_ready: Callable[[], None],
+                 on_respawn: Callable[[Slot], None], on_drained: Callable[[], None]):
+        self.loop = loop
+        self.spec = spec
+        self.on_ready, self.on_respawn, self.on_drained = on_ready, on_respawn, on_drained
+        self.slots: dict[int, Slot] = {}
+        self.workers: dict[int, Worker] = {}
+        self.rolling: list[int] = []
+        self.draining = False
+        self._dead = (0, "")
+        self._kill_timer: Timer | None = None
+
+    # ---- counts ---------------------------------------------------------------------------
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.slots.values() if s.worker is not None and s.worker.state == "ready")
+
+    def all_ready(self) -> bool:
+        return bool(self.slots) and self.ready_count() == len(self.slots)
+
+    def deaths(self) -> list[str]:
+        return [s.last_death for s in self.slots.values() if s.last_death]
+
+    # ---- starting -------------------------------------------------------------------------
+
+    def add_slot(self) -> Slot:
+        slot = Slot(max(self.slots, default=0) + 1)
+        self.slots[slot.id] = slot
+        slot.worker = self._spawn(slot)
+        return slot
+
+    def _spawn(self, slot: Slot) -> Worker | None:
+        spec = self.spec
+        extra = {"CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
+        if spec.watchdog:
+            extra["WATCHDOG_USEC"] = str(int(spec.watchdog * 1e6))
+        try:
+            pid = process.spawn(spec.argv, worker_id=slot.id, generation=spec.generation,
+                                app_name=spec.app_name, listeners=spec.listeners,
+                                notify_address=spec.notify_address, cwd=spec.release,
+                                extra_env=extra, output_fd=spec.output_fd)
+        except OSError as exc:
+            # EAGAIN under TasksMax=, ENOMEM: as if the worker died at once; retried with backoff.
+            slot.failures += 1
+            slot.last_death = f"worker {slot.id} could not be started: fork failed: {exc.strerror or exc}"
+            delay = backoff_delay(slot.failures)
+            log.error("%s; retrying in %.1fs", slot.last_death, delay)
+            slot.respawn = self.loop.after(delay, lambda: self._respawn_due(slot))
+            return None
+        worker = Worker(slot.id, pid, spec.generation, restarts=slot.restarts)
+        self.workers[pid] = worker
+        self.loop.watch_child(pid, lambda status, w=worker: self._exited(w, status))
+        if spec.ready.kind == "spawn":
+            self.loop.after(0, lambda: self.mark_ready(worker))
+        else:
+            if spec.ready.kind == "uptime":
+                self.loop.after(spec.ready.seconds, lambda: self.mark_ready(worker))
+            self.loop.after(spec.ready_timeout, lambda: self._ready_deadline(worker))
+        log.info("worker %d started (pid %d)", slot.id, pid)
+        return worker
+
+    def respawn(self, slot: Slot) -> None:
+        """Fill `slot` again after its worker died, at once or after its backoff."""
+        if slot.id not in self.slots or slot.worker is not None or slot.respawn is not None:
+            return
+        delay = backoff_delay(slot.failures)
+        if slot.failures:
+            slot.last_death += f", retry in {delay:.1f}s ({slot.failures} failed start(s) in a row)"
+        log.warning("worker %d (pid %d) %s; respawning in %.1fs", slot.id, *self._dead, delay)
+        slot.respawn = self.loop.after(delay, lambda: self._respawn_due(slot))
+
+    def _respawn_due(self, slot: Slot) -> None:
+        slot.respawn = None
+        if slot.id in self.slots and slot.worker is None and not self.draining:
+            slot.restarts += 1
+            slot.worker = self._spawn(slot)
+
+    # ---- what workers say -----------------------------------------------------------------
+
+    def notified(self, pid: int, fields: dict[str, str]) -> None:
+        worker = self.workers.get(pid)
+        if worker is None:
+            log.debug("ignored notification from pid %d, not a worker of this generation", pid)
+            return
+        if "STATUS" in fields:
+            worker.status = fields["STATUS"][:200]
+        if fields.get("READY") == "1" and self.spec.ready.kind == "notify":
+            self.mark_ready(worker)
+        if fields.get("WATCHDOG") == "1" and self.spec.watchdog:
+            first = worker.last_ping is None
+            worker.last_ping = time.monotonic()
+            if first:
+                self.loop.after(self.spec.watchdog, lambda: self._watchdog(worker))
+
+    def mark_ready(self, worker: Worker) -> None:
+        if self.workers.get(worker.pid) is not worker or worker.state != "booting":
+            return
+        worker.state = "ready"
+        worker.ready_at = time.monotonic()
+        log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
+        slot = self.slots.get(worker.id)
+        if slot is not None and slot.incoming is worker:
+            self._finish_roll(slot)
+        self.on_ready()
+
+    def _ready_deadline(self, worker: Worker) -> None:
+        if self.workers.get(worker.pid) is worker and worker.state == "booting":
+            worker.failure = f"not ready within {self.spec.ready_timeout:g}s"
+            log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
+            signal_process(worker.pid, signal.SIGKILL)
+
+    def _watchdog(self, worker: Worker) -> None:
+        """A worker that once said WATCHDOG=1 must keep saying it (sd_watchdog_enabled(3))."""
+        if self.workers.get(worker.pid) is not worker or worker.state == "stopping":
+            return
+        timeout = self.spec.watchdog
+        silent = time.monotonic() - worker.last_ping
+        if silent < timeout:
+            self.loop.after(timeout - silent, lambda: self._watchdog(worker))
+            return
+        worker.failure = f"sent no WATCHDOG=1 for {silent:.1f}s (workers.watchdog = {timeout:g})"
+        log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
+        signal_process(worker.pid, signal.SIGKILL)
+
+    def _exited(self, worker: Worker, status: int) -> None:
+        del self.workers[worker.pid]
+        how = worker.failure or process.describe_status(status)
+        if worker.state == "booting" and worker.status:
+            how += f" ({worker.status})"
+        slot = self.slots.get(worker.id)
+        if worker.state == "stopping" or slot is None or self.draining:
+            log.info("worker %d (pid %d) %s", worker.id, worker.pid, how)
+        elif slot.incoming is worker:
+            slot.incoming = None
+            log.error("replacement for worker %d %s before it was ready; rolling restart abandoned",
+                      worker.id, how)
+            self.rolling.clear()
+        elif slot.worker is worker:
+            slot.worker = None
+            stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= STABLE_AFTER
+            slot.failures = 0 if stable else slot.failures + 1
+            slot.last_death = f"worker {worker.id} {how}"
+            self._dead = (worker.pid, how)
+            self.on_respawn(slot)
+            if slot.respawn is None and slot.worker is None:
+                log.warning("worker %d (pid %d) %s; not respawned", worker.id, worker.pid, how)
+        if self.draining and not self.workers:
+            self._cancel_kill()
+            self.on_drained()
+
+    # ---- rolling restart, scaling ---------------------------------------------------------
+
+    def restart(self) -> bool:
+        if self.rolling:
+            return False
+        self.rolling = sorted(self.slots)
+        log.info("rolling restart of %d worker(s)", len(self.rolling))
+        self._roll_next()
+        return True
+
+    def _roll_next(self) -> None:
+        while self.rolling:
+            slot = self.slots.get(self.rolling[0])
+            if slot is None or slot.worker is None:
+                self.rolling.pop(0)
+                continue
+            slot.incoming = self._spawn(slot)
+            if slot.incoming is None:
+                log.error("rolling restart abandoned: %s", slot.last_death)
+                self.rolling.clear()
+            return
+        log.info("rolling restart done")
+
+    def _finish_roll(self, slot: Slot) -> None:
+        old, slot.worker, slot.incoming = slot.worker, slot.incoming, None
+        if old is not None:
+            self.stop_worker(old)
+        if self.rolling and self.rolling[0] == slot.id:
+            self.rolling.pop(0)
+        self._roll_next()
+
+    def remove_slot(self) -> bool:
+        if len(self.slots) <= 1:
+            return False
+        slot = self.slots.pop(max(self.slots))
+        log.info("removing worker %d", slot.id)
+        if slot.respawn:
+            slot.respawn.cancel()
+        for worker in (slot.worker, slot.incoming):
+            if worker is not None:
+                self.stop_worker(worker)
+        if slot.id in self.rolling:
+            self.rolling.remove(slot.id)
+        return True
+
+    # ---- stopping -------------------------------------------------------------------------
+
+    def stop_worker(self, worker: Worker, sig: int = signal.SIGTERM) -> None:
+        if worker.state != "stopping" or sig == signal.SIGKILL:
+            worker.state = "stopping"
+            signal_process(worker.pid, sig)
+
+    def drain(self, sig: int = signal.SIGTERM, bound: float | None = None) -> None:
+        """Stop every worker (TERM: they finish their requests) and respawn none; on_drained()
+        follows once none is left. Stragglers get SIGKILL after graceful_timeout (or `bound`)."""
+        self.draining = True
+        self.rolling.clear()
+        for slot in self.slots.values():
+            if slot.respawn:
+                slot.respawn.cancel()
+                slot.respawn = None
+        for worker in list(self.workers.values()):
+            self.stop_worker(worker, sig)
+        if self._kill_timer is None and self.workers:
+            seconds = self.spec.graceful_timeout if bound is None else bound
+            self._kill_timer = self.loop.after(seconds, self._kill_stragglers)
+        if not self.workers:
+            self.loop.after(0, self.on_drained)
+
+    def _kill_stragglers(self) -> None:
+        self._kill_timer = None
+        for worker in self.workers.values():
+            log.warning("worker %d (pid %d) still running after %gs; killing it", worker.id, worker.pid,
+                        self.spec.graceful_timeout)
+            signal_process(worker.pid, signal.SIGKILL)
+
+    def _cancel_kill(self) -> None:
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+
+    def kill_all(self) -> None:
+        for worker in self.workers.values():
+            worker.state = "stopping"
+            signal_process(worker.pid, signal.SIGKILL)
+
+    def pids(self) -> set[int]:
+        return set(self.workers)
