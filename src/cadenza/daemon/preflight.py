@@ -14,6 +14,9 @@ from .. import config as C
 from ..trust import Untrusted, config_problems, open_trusted
 
 
+_MISSING = os.strerror(2)   # "No such file or directory"
+
+
 class UpgradeRefused(Exception):
     """The pre-flight failed: nothing was started, the running generation keeps serving."""
 
@@ -53,8 +56,14 @@ def open_pinned(path, service_uid: int) -> tuple[int, str]:
     try:
         fd, real = open_trusted(path, service_uid)
     except Untrusted as exc:
-        raise UpgradeRefused(f"pinned path {path} is unsafe or unusable: {exc}; "
-                             "fix it or rewrite it with `cadenza pin --root ROOT`") from None
+        text = str(exc)
+        if text.endswith(_MISSING):
+            where = text.removesuffix(f": {_MISSING}")
+            text = f"is unusable: {_MISSING} ({where})"
+        else:
+            text = f"is unsafe: {text}"
+        raise UpgradeRefused(f"pinned path {path} {text}; fix it or rewrite it with "
+                             "`cadenza pin --root ROOT`") from None
     st = os.fstat(fd)
     if not (st.st_mode & 0o111) or not os.access(f"/proc/self/fd/{fd}", os.X_OK):
         os.close(fd)

@@ -1,0 +1,176 @@
+"""The actions of the table for an upgrade this generation starts (it is N): pre-flight, fork,
+MAINPID=, the barrier, the hand-over, and a failure's graceful end. Part of Generation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+from .. import exitcodes
+from ..notify import monotonic_usec
+from . import preflight
+from .handoff import CONTROL_FDNAME, successor_environment
+from .policy import Event, State
+from .succession import Outcome, Stage, Succession
+
+log = logging.getLogger("cadenza.master")
+
+BARRIER_TIMEOUT = 2.0
+
+
+class Upgrades:
+    def on_start_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        nxt = self.number + 1
+        try:
+            plan = preflight.check(self.config, self.argv)
+        except preflight.UpgradeRefused as exc:
+            log.error("upgrade requested by %s refused: %s", source, exc)
+            now = time.monotonic()
+            self.last_upgrade = Outcome(False, nxt, f"refused: {exc}", started=now, finished=now)
+            if watcher:
+                watcher({"event": "refused", "text": f"upgrade refused: {exc}", "generation": nxt})
+            return
+        log.info("upgrade requested by %s: pre-flight passed, starting generation %d", source, nxt)
+        succession = Succession(self.loop, plan, nxt, timeout=self.config.upgrade.timeout,
+                                graceful_timeout=self.config.workers.graceful_timeout,
+                                report=self._successor_report)
+        if watcher:
+            succession.watchers.append(watcher)
+        self.systemd.send(reloading=1, monotonic_usec=monotonic_usec(), status=f"upgrading to generation {nxt}")
+        succession.emit("preflight", f"pre-flight passed: {plan.exec_path} in {plan.directory} -> {plan.release}")
+        try:
+            succession.start(self._handed_fds(), self.argv, self._successor_env(nxt))
+        except OSError as exc:
+            reason = f"could not start generation {nxt}: {exc.strerror or exc}"
+            log.error("upgrade failed: %s; generation %d keeps serving", reason, self.number)
+            self._upgrade_over(succession, reason)
+            return
+        finally:
+            plan.close()
+        self.succession = succession
+        self.state = State.UPGRADING
+
+    def _handed_fds(self) -> list[tuple[int, str]]:
+        named = [(listener.fd, listener.name) for listener in self.listeners]
+        if self.control_sock is not None:
+            named.append((self.control_sock.fileno(), CONTROL_FDNAME))
+        return named
+
+    def _successor_env(self, nxt: int) -> dict[str, str]:
+        owns = [name for name, mine in (("listeners", self.bound_here), ("control", self.control_owned),
+                                        ("fdstore", self.fd_store)) if mine]
+        return successor_environment(generation=nxt, names=[name for _, name in self._handed_fds()], owns=owns,
+                                     notify_address=self.systemd.address, watchdog_usec=self.watchdog_usec)
+
+    def on_join_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        log.info("upgrade requested by %s: joining the upgrade to generation %d already running",
+                 source, self.succession.generation)
+        if watcher:
+            self.succession.watchers.append(watcher)
+
+    def on_defer_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        log.info("upgrade requested by %s: waiting until generation %d has drained", source, self.number - 1)
+        self.deferred.append((source, watcher))
+        if watcher:
+            watcher({"event": "progress", "generation": self.number + 1,
+                     "text": f"waiting for generation {self.number - 1} to finish draining"})
+
+    def _answer_deferred(self, why: str) -> None:
+        deferred, self.deferred = self.deferred, []
+        for _, watcher in deferred:
+            if watcher:
+                watcher({"event": "refused", "text": f"upgrade refused: {why}", "generation": self.number + 1})
+
+    def _successor_report(self, what: str, reason: str = "") -> None:
+        event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED,
+                 "gone": Event.SUCCESSOR_GONE}[what]
+        self.handle(event, reason=reason) if reason else self.handle(event)
+
+    def on_commit(self, **_) -> None:
+        succession = self.succession
+        if not self.systemd.enabled:
+            succession.appointed()
+            self.state = State.COMMITTED
+            self.on_hand_over()
+            return
+        if not self.systemd.send(mainpid=succession.pid, ready=1, status=f"serving generation {succession.generation}"):
+            succession.fail("could not send MAINPID= to systemd (NOTIFY_SOCKET refused it)")
+            return
+        # MAINPID= is out: from here on there is no way back, only the hand-over.
+        self.state = State.COMMITTED
+        succession.appointed()
+        self._after_barrier(lambda: self.handle(Event.BARRIER))
+
+    def on_hand_over(self, **_) -> None:
+        succession = self.succession
+        if not succession.hand_over(stop=self.pending_stop):
+            log.error("could not tell generation %d it is main: it has gone; systemd decides what follows",
+                      succession.generation)
+        log.info("handed over to generation %d (pid %d); draining %d worker(s)", succession.generation,
+                 succession.pid, len(self.pool.workers))
+        self.last_upgrade = succession.outcome(True)
+        self._leave()
+
+    def _leave(self) -> None:
+        self.systemd.muted = True      # not main any more: systemd would refuse what we said
+        self.state = State.LEAVING
+        self.exit_code_pending = exitcodes.OK
+        if self.control is not None:
+            self.control.stop_accepting()   # new requests go to the new main; ours finish
+        self.pool.drain()
+        self._maybe_exit()
+
+    def on_upgrade_failed(self, reason: str = "", **_) -> None:
+        self._last_status = ""   # STATUS= shows the failing upgrade until it is over
+
+    def on_successor_gone(self, **_) -> None:
+        succession = self.succession
+        if succession is None:
+            return
+        if self.state is State.COMMITTED:
+            log.error("generation %d (pid %d) exited after MAINPID= named it; systemd decides what follows",
+                      succession.generation, succession.pid)
+            self.last_upgrade = succession.outcome(False, "the new generation exited after MAINPID=")
+            self._leave()
+            return
+        if succession.stage is Stage.DONE:
+            return   # the main generation we handed over to has gone: not ours to judge
+        self.succession = None
+        if self.state is State.UPGRADING:
+            self.state = State.SERVING
+        self._upgrade_over(succession, succession.reason or "the new generation exited")
+        self._maybe_exit()
+
+    def _upgrade_over(self, succession: Succession, reason: str) -> None:
+        """A failed upgrade: READY=1 with the reason, then (once systemd took it, so that a failed
+        `systemctl reload` finds the unit active again) the waiting clients hear why."""
+        self.last_upgrade = succession.outcome(False, reason)
+        status = f"upgrade to generation {succession.generation} failed: {reason.splitlines()[0]}"
+        if self.state is not State.STOPPING:
+            self._last_status = status
+            self.systemd.send(ready=1, status=status)
+        def tell() -> None:
+            succession.emit("failed", f"upgrade to generation {succession.generation} failed: {reason}",
+                            output=list(succession.output))
+        if self.state is State.STOPPING:
+            tell()
+        else:
+            self._after_barrier(tell)
+
+    def _after_barrier(self, then: Callable[[], None]) -> None:
+        fd = self.systemd.barrier()
+        if fd is None:
+            self.loop.after(0, then)
+            return
+        fired = []
+
+        def once() -> None:
+            if not fired:
+                fired.append(True)
+                self.loop.remove(fd)
+                os.close(fd)
+                then()
+        self.loop.add_reader(fd, once)
+        self.loop.after(BARRIER_TIMEOUT, once)   # a systemd slow to read must not stall us forever

@@ -1,0 +1,70 @@
+"""The (state, event) table of daemon/policy.py, walked cell by cell (no master is booted)."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from cadenza.daemon import policy
+from cadenza.daemon.generation import Generation
+from cadenza.daemon.policy import Event, Ignore, Refuse, State, decide, refusal
+
+CELLS = [(state, event) for state in State for event in Event]
+
+
+@pytest.mark.parametrize("state,event", CELLS, ids=[f"{s.name}-{e.name}" for s, e in CELLS])
+def test_every_cell_has_one_defined_outcome(state, event):
+    cell = decide(state, event)
+    if isinstance(cell, str):
+        # An action: a method of the generation that accepts the keywords events carry.
+        action = getattr(Generation, f"on_{cell}", None)
+        assert action is not None, f"({state.name}, {event.name}) names on_{cell}, which does not exist"
+        assert any(p.kind is p.VAR_KEYWORD for p in inspect.signature(action).parameters.values())
+    else:
+        assert isinstance(cell, (Refuse, Ignore)) and cell.why.strip()
+    if isinstance(cell, Refuse):
+        text = refusal(7, state, event, cell)
+        assert text.startswith(f"{event.value} refused: generation 7 is ") and cell.why in text
+
+
+def test_only_requests_are_refused():
+    for event, row in policy.TABLE.items():
+        for state, cell in row.items():
+            if isinstance(cell, Refuse):
+                assert event in policy.REQUESTS, (state, event)
+
+
+def test_a_stop_is_never_refused_and_always_ends_somewhere():
+    for state in State:
+        for event in (Event.STOP, Event.STOP_NOW):
+            assert not isinstance(decide(state, event), Refuse)
+        if state is not State.LEAVING and state is not State.STOPPING:
+            assert isinstance(decide(state, Event.STOP), str)
+
+
+def test_upgrades_start_only_from_serving_and_wait_for_a_draining_predecessor():
+    starts = [s for s in State if decide(s, Event.UPGRADE) == "start_upgrade"]
+    assert starts == [State.SERVING]
+    assert decide(State.TAKING_OVER, Event.UPGRADE) == "defer_upgrade"
+    assert decide(State.UPGRADING, Event.UPGRADE) == "join_upgrade"
+
+
+def test_a_leaving_or_committed_generation_starts_no_worker():
+    for state in (State.LEAVING, State.COMMITTED, State.STOPPING):
+        for event in (Event.GROW, Event.RESTART):
+            assert isinstance(decide(state, event), Refuse), (state, event)
+        assert isinstance(decide(state, Event.RESPAWN), Ignore)
+
+
+def test_after_mainpid_nothing_stops_the_successor():
+    # COMMITTED: a stop is forwarded, a failure of the successor is systemd's to judge.
+    assert decide(State.COMMITTED, Event.STOP) == "forward_stop"
+    assert decide(State.COMMITTED, Event.STOP_NOW) == "forward_stop_now"
+    assert isinstance(decide(State.COMMITTED, Event.SUCCESSOR_FAILED), Ignore)
+    # A next generation named in MAINPID= treats its predecessor's death as the end of the hand-over.
+    assert decide(State.APPOINTED, Event.PREDECESSOR_GONE) == "made_main"
+    assert decide(State.STANDBY, Event.PREDECESSOR_GONE) == "orphaned"
+
+
+def test_only_serving_states_are_main():
+    assert {s for s in State if s.main} == {State.SERVING, State.TAKING_OVER, State.UPGRADING}
