@@ -282,6 +282,8 @@ def _spawn_orphan(loop: Loop, become) -> tuple[int, int]:
     finally:
         ours.close()
     text = data.decode(errors="replace")
+    for fd in fds:
+        os.set_inheritable(fd, False)   # belt and braces over MSG_CMSG_CLOEXEC: it must not reach a worker
     if not fds:
         raise OSError(f"the next master could not be forked: {text.removeprefix('error ') or 'no answer'}")
     return int(text), fds[0]
