@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -17,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from procs import VENV_BIN, Master, alive, free_port, get
+
+from cadenza.supervisorctl import main as supervisorctl_main   # imported before any setuid()
 
 SUPERVISORCTL = str(VENV_BIN / "supervisorctl")
 
@@ -57,21 +59,24 @@ class Root:
 
 
 def ctl_as_nobody(*args: str) -> tuple[int, str]:
-    """supervisorctl's main() in a child that became nobody: no exec, so no path it cannot read."""
+    """supervisorctl's main() in a child that became nobody. Everything it runs was imported
+    before setuid() and nothing is exec'd, so the checkout may sit where nobody cannot read
+    (a clone inside a 0700 `mktemp -d`)."""
     nobody = pwd.getpwnam("nobody")
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        code = 99
         try:
+            os.close(r)
+            sys.stderr = os.fdopen(w, "w")
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            sys.stderr = os.fdopen(w, "w")
-            from cadenza.supervisorctl import main
-            code = main(list(args))
-            sys.stderr.flush()
-        except BaseException:  # noqa: BLE001 - the child must always end here
-            code = 99
+            code = supervisorctl_main(list(args))
+        except BaseException as exc:  # noqa: BLE001 - the child must always end here
+            print(f"ctl_as_nobody: the child failed: {exc!r}", file=sys.stderr)
+        sys.stderr.flush()
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -193,9 +198,55 @@ def test_other_users_are_denied_and_logged(app):
     assert code == 4 and "permission denied" in err     # mode 0660 keeps nobody out
     os.chmod(root.socket, 0o666)   # past the file mode, SO_PEERCRED still decides
     code, err = ctl_as_nobody("-s", str(root.socket), "upgrade")
-    assert code == 4 and "permission denied: uid 65534 may not upgrade" in err, err
-    m.wait_log("upgrade denied to uid 65534")
+    assert code == 4 and "permission denied: uid 65534 may not" in err, err
+    m.wait_log("denied to uid 65534")
     assert status(root)["generation"] == 1
+
+
+def cpu(pid: int) -> float:
+    """CPU seconds the process itself (not its children) has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(cpu_of, least: float = 0.3, most: float = 30.0) -> float:
+    """How much CPU `cpu_of()` (seconds) gained while this thread spun for `least` CPU seconds,
+    as a fraction of those: near 1 for a loop that spins too, near 0 for one that waits. Measured
+    against a spinner rather than the clock, so that a loaded machine cannot hide a spin."""
+    before, mine, started = cpu_of(), time.thread_time(), time.monotonic()
+    while time.thread_time() - mine < least:
+        assert time.monotonic() - started < most, f"this test got under {least}s CPU in {most}s: too loaded to measure"
+    return (cpu_of() - before) / (time.thread_time() - mine)
+
+
+def test_a_client_that_half_closes_during_an_upgrade_costs_the_master_no_cpu(app):
+    """`nc -N`, or Ctrl-C in `supervisorctl upgrade`: the request, then EOF, while the upgrade
+    waits for workers that a lock the test holds keeps from loading."""
+    root, m = app
+    rel = root.release("r2", app="gate:app")
+    (rel / "gate.py").write_text(
+        "import fcntl, os\n"
+        "with open(os.path.join(os.path.dirname(__file__), 'gate.lock')) as f:\n"
+        "    fcntl.flock(f, fcntl.LOCK_SH)   # until the test lets go of LOCK_EX\n"
+        "from cadenza.worker.demo import app\n")
+    with open(rel / "gate.lock", "w") as gate, socket.socket(socket.AF_UNIX) as s:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        root.switch("r2")
+        s.settimeout(20)
+        s.connect(str(root.socket))
+        s.sendall(b'{"cmd": "upgrade"}\n')
+        s.shutdown(socket.SHUT_WR)
+        seen = b""
+        while b"generation 2 started" not in seen:   # the request was read; the upgrade waits
+            chunk = s.recv(65536)
+            assert chunk, f"the master hung up during the upgrade: {seen!r}"
+            seen += chunk
+        share = cpu_share(lambda: cpu(m.pid))
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        while chunk := s.recv(65536):
+            seen += chunk
+    assert share < 0.2, f"the master used {share:.0%} of the CPU a spinning loop gets, for a half-closed client"
+    assert json.loads(seen.splitlines()[-1])["code"] == 0, seen   # and it still heard the outcome
 
 
 def raw(root: Root, data: bytes, read: bool = True) -> bytes:
@@ -311,17 +362,14 @@ def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(app):
         s.connect(str(root.socket))
         idle.append(s)
     m.wait_log("control socket: out of file descriptors")
-
-    def cpu() -> float:
-        fields = Path(f"/proc/{m.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    before, started = cpu(), time.monotonic()
+    before, started = cpu(m.pid), time.monotonic()
     while m.log().count("out of file descriptors") < 3:   # the master's own 1 s pauses pace these lines
         assert time.monotonic() - started < 10, m.log()
         time.sleep(0.05)
     elapsed = time.monotonic() - started
     assert elapsed > 1.5                     # not a line per loop iteration
-    assert cpu() - before < 0.25 * elapsed   # a spinning loop would burn a full CPU
+    assert cpu(m.pid) - before < 0.25 * elapsed   # a spinning loop would burn a full CPU
     for s in idle:
         s.close()
     assert status(root)["state"] == "serving" and get(root.port)[0] == 200
+

@@ -170,7 +170,8 @@ class NotifyInbox:
         if self._last_sender is None:
             last = "without sender credentials"
         else:
-            last = "from uid %d pid %d" % self._last_sender
+            uid, pid = self._last_sender
+            last = f"from uid {uid} pid {pid}"
         allowed = "root" if self.uid == 0 else f"uid {self.uid} or root"
         log.warning("notify socket %s: dropped %d datagram(s) not sent by %s (%d in all); the last %s",
                     self.address, self._unlogged, allowed, self.dropped, last)

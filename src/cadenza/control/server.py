@@ -1,20 +1,15 @@
-"""The control socket (DESIGN §5): unix stream, JSON lines, one request per connection.
+"""The control socket (DESIGN §5): unix stream, JSON lines, one request per connection (protocol.py).
 
-A client sends one line `{"cmd": "status" | "upgrade" | "restart" | "scale" | "stop", ...}` and
-reads events, one JSON object per line, until `{"done": true, "ok": ..., "code": ...}` and EOF.
+Who may do what is decided at accept, from the credentials the kernel took at connect()
+(SO_PEERCRED, SO_PEERGROUPS), before a byte is read: root, the service user, `allow_users` and
+`allow_groups` everything, `status_groups` only `status`. Anyone else is told "permission
+denied" at once, logged, and hung up on. Read-only peers have MAX_READERS slots of their own,
+so none of them can take the MAX_CLIENTS slots kept for those who may reload.
 
-Who may do what is decided at accept, from the credentials the kernel captured at connect()
-(SO_PEERCRED, SO_PEERGROUPS), before a byte is read: root and the service user everything,
-`allow_users` and `allow_groups` too, `status_groups` only `status`. Everyone else is told
-"permission denied" at once, logged with uid and pid, and hung up on: they never hold a slot.
-Read-only peers have MAX_READERS slots of their own, so no crowd of them can take the
-MAX_CLIENTS slots kept for those who may reload.
-
-Garbage costs the master nothing: a line longer than MAX_REQUEST, a client that sends nothing
-for REQUEST_TIMEOUT, or one that reads nothing for STALL_TIMEOUT (or lets MAX_PENDING bytes
-pile up) is dropped. Once the request is read the socket is no longer watched for reads at all,
-only for writes while output waits, so a client that half-closes or closes after its request
-wakes the loop never (a full close is noticed when its answer cannot be written).
+Dropped: a line longer than MAX_REQUEST, silence for REQUEST_TIMEOUT, reading nothing for
+STALL_TIMEOUT or while MAX_PENDING bytes wait. Once the request is read the socket is watched
+for writes only while output waits, never for reads: a client that half-closes or closes after
+its request never wakes the loop (a full close shows when its answer cannot be written).
 """
 
 from __future__ import annotations
@@ -30,11 +25,11 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .protocol import (DENIED, FAILED, OK, READ_ONLY, UNREACHABLE, USAGE, BadRequest, MAX_REQUEST,  # noqa: F401
-                       done, encode, parse_request)
+from .protocol import (DENIED, FAILED, MAX_REQUEST, READ_ONLY, UNREACHABLE, USAGE, BadRequest, done, encode,
+                       parse_request)
 
 log = logging.getLogger("cadenza.control")
 
@@ -45,9 +40,11 @@ REQUEST_TIMEOUT = 5.0
 STALL_TIMEOUT = 30.0    # output waits and the client reads none of it
 ACCEPT_PAUSE = 1.0      # after accept() found no free file descriptor
 ACCEPT_BATCH = 32       # connections taken per wake-up, so a flood cannot starve the workers
-DENIAL_LOG_BURST = 10   # denials logged one by one per DENIAL_LOG_WINDOW, then counted
-DENIAL_LOG_WINDOW = 10.0
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
+REFUSAL_LOG_BURST = 10  # refusals logged one by one per REFUSAL_LOG_WINDOW, then counted
+REFUSAL_LOG_WINDOW = 10.0
+# Linux >= 4.13. Python does not name it; 59 is its number where asm-generic/socket.h rules.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59 if os.uname().machine in (
+    "x86_64", "i686", "aarch64", "armv7l", "riscv64", "ppc64le", "s390x") else None)
 _UCRED = struct.Struct("3i")
 
 FULL, READER = "full", "read-only"
@@ -115,10 +112,6 @@ class Access:
             return FULL
         return READER if groups & self.status_gids else None
 
-    def allows(self, uid: int, groups: set[int], cmd: str) -> bool:
-        rank = self.rank(uid, groups)
-        return rank == FULL or (rank == READER and cmd in READ_ONLY)
-
 
 def _uid(name: str) -> int | None:
     try:
@@ -142,6 +135,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, set[int]]:
     a pid that is reused) would make lie."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     try:   # Python caps the buffer at 1024 bytes: 256 groups; a peer in more gets ERANGE
+        if SO_PEERGROUPS is None:
+            raise OSError("SO_PEERGROUPS unknown here")
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
     except OSError:   # that, or a kernel without SO_PEERGROUPS
         return pid, uid, {gid} | _proc_groups(pid)
@@ -161,7 +156,7 @@ def _proc_groups(pid: int) -> set[int]:
 class Client:
     """One connection: reads one request line, then writes events until done."""
 
-    def __init__(self, server: "ControlServer", sock: socket.socket, pid: int, uid: int, rank: str):
+    def __init__(self, server: ControlServer, sock: socket.socket, pid: int, uid: int, rank: str):
         self.server = server
         self.loop = server.loop
         self.sock = sock
@@ -327,7 +322,7 @@ class ControlServer:
         self.clients: set[Client] = set()
         self.accepting = True
         self._paused = None
-        self._denials = [0.0, 0, 0]   # window start, logged in it, not logged in it
+        self._refusals = (0.0, 0, 0)   # window start, refusals in it, those not logged
         sock.setblocking(False)
         loop.add_reader(sock, self._on_accept)
 
@@ -359,34 +354,32 @@ class ControlServer:
         pid, uid, groups = peer_credentials(conn)
         rank = self.access.rank(uid, groups)
         if rank is None:
-            self._log_denial(uid, pid)
+            self._log_refusal("control: denied to uid %d (pid %d): not root, the service user, nor in "
+                              "control.allow_users/allow_groups/status_groups", uid, pid)
             _answer_and_close(conn, DENIED, f"permission denied: uid {uid} may not use this control "
                               "socket; root, the service user and control.allow_users/allow_groups "
                               "may, control.status_groups may read status")
             return
         cap = MAX_CLIENTS if rank == FULL else MAX_READERS
         if self.count(rank) >= cap:
-            log.warning("control: %d %s connections open already; refused pid %d uid %d",
-                        cap, rank, pid, uid)
+            self._log_refusal("control: %d %s connections open already; refused pid %d uid %d",
+                              cap, rank, pid, uid)
             _answer_and_close(conn, UNREACHABLE, f"the master has {cap} {rank} control connections "
                               "open already; retry once they are done")
             return
         self.clients.add(Client(self, conn, pid, uid, rank))
 
-    def _log_denial(self, uid: int, pid: int) -> None:
-        """Every denial is logged, one by one up to a burst per window, then as a count."""
-        now = time.monotonic()
-        if now - self._denials[0] >= DENIAL_LOG_WINDOW:
-            if self._denials[2]:
-                log.warning("control: %d more connection(s) denied in %gs, not logged one by one",
-                            self._denials[2], DENIAL_LOG_WINDOW)
-            self._denials = [now, 0, 0]
-        if self._denials[1] < DENIAL_LOG_BURST:
-            self._denials[1] += 1
-            log.warning("control: denied to uid %d (pid %d): not root, the service user, nor in "
-                        "control.allow_users/allow_groups/status_groups", uid, pid)
-        else:
-            self._denials[2] += 1
+    def _log_refusal(self, *args) -> None:
+        """Every refusal is logged: one by one up to a burst per window, then as a count."""
+        start, logged, quiet = self._refusals
+        if time.monotonic() - start >= REFUSAL_LOG_WINDOW:
+            if quiet:
+                log.warning("control: %d more connection(s) refused in %gs, not logged one by one",
+                            quiet, REFUSAL_LOG_WINDOW)
+            start, logged, quiet = time.monotonic(), 0, 0
+        if logged < REFUSAL_LOG_BURST:
+            log.warning(*args)
+        self._refusals = (start, logged + 1, quiet + (logged >= REFUSAL_LOG_BURST))
 
     def forget(self, client: Client) -> None:
         self.clients.discard(client)
@@ -412,9 +405,8 @@ class ControlServer:
 
 
 def _answer_and_close(conn: socket.socket, code: int, text: str) -> None:
-    """One final line to a peer we keep nothing for. A fresh socket's buffer always has room;
-    what the peer already sent is read first, so that closing does not reset the connection
-    before it has read the answer."""
+    """One line to a peer we keep nothing for (a fresh socket's buffer has room), and what it
+    sent read first, so that closing does not reset the connection before it reads the line."""
     try:
         conn.send(encode(done(code, text)))
         conn.recv(MAX_REQUEST)

@@ -90,7 +90,7 @@ def request(path: Path, message: dict, timeout: float | None):
         except (BrokenPipeError, ConnectionResetError):
             pass   # it answered (a refusal) and hung up before reading: its answer is still ours to read
         except OSError as exc:
-            raise _lost(path, exc.strerror) from None
+            raise _lost(path, exc.strerror or exc) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         buf = b""
         while True:
@@ -106,7 +106,7 @@ def request(path: Path, message: dict, timeout: float | None):
                 except TimeoutError:
                     continue
                 except OSError as exc:
-                    raise _lost(path, exc.strerror) from None
+                    raise _lost(path, exc.strerror or exc) from None
                 if not chunk:
                     raise _lost(path, "end of file" if not buf else "end of file in the middle of a line")
                 buf += chunk
@@ -148,8 +148,8 @@ def _connect(sock: socket.socket, path: Path) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
-def _lost(path: Path, why: str | None) -> Failure:
-    return Failure(UNREACHABLE, f"lost the master at {path} before it answered ({why}): it may have "
+def _lost(path: Path, why) -> Failure:
+    return Failure(UNREACHABLE, f"lost the master at {path} before its final answer ({why}): it may have "
                                 "stopped or restarted; see `supervisorctl status` and its log")
 
 
