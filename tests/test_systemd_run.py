@@ -21,7 +21,7 @@ APP = "web"
 UNIT = f"{APP}.service"
 WORKER_TITLES = [f"cadenza worker {i} gen 1 [{APP}]" for i in (1, 2)]
 DATE = re.compile(r"\b\d{4}-\d\d-\d\d\b")
-BACKOFF = re.compile(r"generation 1 starting: 0/2 workers ready; worker \d exited with status 3, "
+BACKOFF = re.compile(r"generation 1 starting: 0/2 workers ready; worker \d exited with status 3 \(the application could not be loaded\), "
                      r"retry in (\d+\.\d)s \((\d+) failed start\(s\) in a row\)")
 
 
