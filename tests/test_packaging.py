@@ -325,13 +325,12 @@ def test_under_user_it_runs_unprivileged_and_keeps_its_control_socket(deb, syste
         as_deployer = ("setpriv", "--reuid=deployer", "--regid=deployer", "--init-groups", ctl)
         refused = ns.run(*as_deployer, "upgrade", env=INSIDE_ENV)
         assert refused.returncode == 4, refused
-        assert refused.stderr == f"permission denied: uid {deployer} may not upgrade\n", refused
+        assert f"permission denied: uid {deployer} may not use this control socket" in refused.stderr, refused
         refused = ns.run(*as_deployer, "status", env=INSIDE_ENV)
         assert refused.returncode == 4, refused
-        assert refused.stderr == f"permission denied: uid {deployer} may not status\n", refused
+        assert f"permission denied: uid {deployer} may not use this control socket" in refused.stderr, refused
         journal = ns.journal("-u", "cadenza@demo.service")
-        for cmd in ("upgrade", "status"):
-            assert re.search(rf"control: {cmd} denied to uid {deployer} \(pid \d+\)", journal), journal
+        assert re.search(rf"control: denied to uid {deployer} \(pid \d+\)", journal), journal
 
         # The upgrade: ExecReload= runs the pinned supervisorctl as demo, which the master obeys.
         stop = ns.state / "stop-polling"

@@ -220,6 +220,7 @@ def test_a_user_not_allowed_gets_exit_4(systemd, root):
     ns.run("chmod", "o+x", f"/run/cadenza/{APP}", check=True)
     ns.run("chmod", "o+rw", sock, check=True)
     proc = as_nobody("upgrade")                       # past the modes, SO_PEERCRED decides
-    assert proc.returncode == 4 and "permission denied: uid 65534 may not upgrade" in proc.stderr, proc.stderr
-    assert "upgrade denied to uid 65534" in ns.journal("-o", "cat")
+    # Refused at accept (SO_PEERCRED), before the request is read: no slot is taken.
+    assert proc.returncode == 4 and "permission denied: uid 65534 may not use this control socket" in proc.stderr, proc.stderr
+    assert "denied to uid 65534" in ns.journal("-o", "cat")
     assert ns.show(f"{APP}.service", "ActiveState")["ActiveState"] == "active"

@@ -357,8 +357,8 @@ class ControlServer:
             self._log_refusal("control: denied to uid %d (pid %d): not root, the service user, nor in "
                               "control.allow_users/allow_groups/status_groups", uid, pid)
             _answer_and_close(conn, DENIED, f"permission denied: uid {uid} may not use this control "
-                              "socket; root, the service user and control.allow_users/allow_groups "
-                              "may, control.status_groups may read status")
+                              "socket; control.allow_users and allow_groups name who may "
+                              "(status_groups: who may read status)")
             return
         cap = MAX_CLIENTS if rank == FULL else MAX_READERS
         if self.count(rank) >= cap:
