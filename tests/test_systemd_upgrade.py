@@ -7,176 +7,22 @@ Pids: systemd reports the namespace's pids; /proc on the host is read through th
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import http.client
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-import tally
-from deploy import AppRoot
-from procs import accepted, alive, children, free_port, get
+from handover_fixtures import (APP, UNIT, Hammer, answer, heir, journal_has, main_pid, poll,
+                               slow_request, status, title, unit_procs)
+from procs import alive, children, get
 
-APP = "web"
-UNIT = f"{APP}.service"
+pytest_plugins = ("handover_fixtures",)   # the `site` and `hammer` fixtures
+
 DATE = re.compile(r"\b\d{4}-\d\d-\d\d\b")
-CLIENTS = ThreadPoolExecutor(max_workers=16)   # HTTP clients beside the test; .result() re-raises
-
-
-class Hammer:
-    """Sequential GETs on new connections, and on one keep-alive connection, until check()."""
-
-    def __init__(self, port: int):
-        self.port, self.done = port, threading.Event()
-        self.failures: list[str] = []
-        self.seen: collections.Counter[str] = collections.Counter()   # "release rN" -> answers
-        self.clients = [CLIENTS.submit(self._loop, "new-connection", lambda: get(port)),
-                        CLIENTS.submit(self._keepalive)]
-
-    def _loop(self, name: str, request) -> None:
-        while not self.done.wait(0.005):   # only pacing, so the masters are not starved of CPU
-            try:
-                status, body = request()
-            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                self.failures.append(f"{name} {time.strftime('%T')}: {exc!r}")
-                continue
-            self.seen[body.split(" pid")[0] if status == 200 else f"HTTP {status}"] += 1
-
-    def _keepalive(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-
-        def request():   # http.client reconnects by itself after a "Connection: close"
-            try:
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                try:
-                    return resp.status, resp.read().decode()
-                except http.client.IncompleteRead as exc:   # say which worker, and what it promised
-                    raise http.client.HTTPException(f"{exc!r} after headers {resp.getheaders()}") from exc
-            except Exception:
-                conn.close()   # start afresh; this request still counts as failed
-                raise
-        self._loop("keep-alive", request)
-        conn.close()
-
-    def finish(self) -> list[str]:
-        if not self.done.is_set():
-            self.done.set()
-            for client in self.clients:
-                client.result(timeout=60)
-            tally.add(sum(self.seen.values()), len(self.failures))
-        return self.failures
-
-    def check(self) -> collections.Counter:
-        self.finish()
-        assert not self.failures, f"{len(self.failures)} failed request(s): {self.failures[:10]}"
-        assert sum(self.seen.values()) > 20 and not any(k.startswith("HTTP") for k in self.seen), self.seen
-        return self.seen
-
-
-@pytest.fixture
-def site(systemd):
-    """APP serving release r1 from its pinned launcher, socket-activated."""
-    app = AppRoot(systemd.state, APP, free_port())
-    app.deploy("r1")
-    app.pin()
-    for name, text in app.units().items():
-        systemd.write_unit(name, text)
-    systemd.systemctl("daemon-reload", check=True)
-    systemd.systemctl("start", f"{APP}.socket", UNIT, check=True)
-    assert answer(app) == "release r1"
-    return app
-
-
-@pytest.fixture
-def hammer(site):
-    h = Hammer(site.port)
-    yield h
-    h.finish()
-
-
-def answer(app: AppRoot) -> str:
-    status, body = get(app.port)
-    assert status == 200, body
-    return body.split(" pid")[0]
-
-
-def poll(probe, timeout: float = 15.0, what: str = "condition"):
-    """probe()'s first truthy value; only for states that nothing announces to the test."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.01)
-    return value
-
-
-def title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except FileNotFoundError:
-        return ""
-
-
-def unit_procs(ns) -> dict[int, int]:
-    """{namespace pid: host pid} of every live process in the unit's cgroup."""
-    cgroup = ns.show(UNIT, "ControlGroup")["ControlGroup"]   # "" once the unit stopped
-    found = {}
-    for pid in (ns.cgroup / cgroup.lstrip("/") / "cgroup.procs").read_text().split() if cgroup else ():
-        with contextlib.suppress(FileNotFoundError):   # it exited while we looked
-            nspid = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
-            if alive(int(pid)):
-                found[int(nspid)] = int(pid)
-    return found
-
-
-def main_pid(ns) -> tuple[str, int]:
-    """MainPID as systemd says it, and the host pid of that process."""
-    pid = ns.show(UNIT, "MainPID")["MainPID"]
-    return pid, unit_procs(ns)[int(pid)]
-
-
-def heir(ns, app: AppRoot) -> int | None:
-    """Host pid of the next generation's master while an upgrade runs, as master N reports it
-    (not as its child: cadenza double-forks it so that systemd adopts it)."""
-    upgrading = status(app)["upgrading"]
-    return upgrading and unit_procs(ns).get(upgrading["pid"])
-
-
-def status(app: AppRoot) -> dict:
-    """`supervisorctl status --json`, spoken directly on the control socket from the host."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(str(app.socket))
-        sock.sendall(b'{"cmd": "status"}\n')
-        return json.loads(sock.makefile().read().splitlines()[-1])["status"]
-
-
-def journal_has(ns, text: str) -> str:
-    # journald reads streams asynchronously: a line written before systemctl returned may lag.
-    return poll(lambda: text in (j := ns.journal("-o", "cat")) and j, what=f"journal line {text!r}")
-
-
-
-def slow_request(port: int, seconds: float) -> Future:
-    """GET /slow?s=N, returned once a worker holds it; result() gives the answer."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", f"/slow?s={seconds}")
-
-    def read():
-        resp = conn.getresponse()
-        return dict(status=resp.status, body=resp.read().decode(), at=time.monotonic(),
-                    connection=resp.getheader("connection"))
-    poll(lambda: accepted(port, conn.sock.getsockname()[1]), what="accept() of the slow request")
-    return CLIENTS.submit(read)
 
 
 def test_five_deploys_each_reload_hands_over_and_prune_never_breaks_the_next(systemd, site, hammer):
