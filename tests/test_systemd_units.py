@@ -169,10 +169,10 @@ def test_status_during_an_upgrade_shows_both_generations(systemd, root):
     while not (st := json.loads(ctl(ns, root, "status", "--json").stdout))["upgrading"]:
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
-    assert st["generation"] == 1 and st["state"] == "serving"
+    assert st["generation"] == 1 and st["state"] == "upgrading" and st["main"]
     assert st["upgrading"]["generation"] == 2 and st["upgrading"]["release"].endswith("/releases/2")
     text = ctl(ns, root, "status").stdout
-    assert "generation 1 serving" in text and "upgrading to generation 2" in text
+    assert "generation 1 upgrading" in text and "upgrading to generation 2" in text
     ns.wait_for(f"{APP}.service", "ActiveState", "active", timeout=20)
     assert json.loads(ctl(ns, root, "status", "--json").stdout)["generation"] == 2
 

@@ -10,19 +10,28 @@ them with `Connection: close`. An idle keep-alive connection is not cut at once:
 as wrk writes its next request the moment a response arrives, and closing the connection under
 that request is exactly the error it would see. The idle connection is kept for a short grace,
 its next request is answered with `Connection: close`, and only a connection that stays idle
-through the grace is closed.
+through the grace is closed. A request whose bytes reached us (h11's buffer or the kernel's)
+before that decision is answered; the decision is never taken while a response is written.
+
+Every close this worker makes lingers (DESIGN.md 4.2): FIN first, then whatever the client still
+sends is read and discarded until its EOF or LINGER, then close. A plain close() with unread
+bytes in the receive buffer makes the kernel answer with RST, and a client then sees ECONNRESET
+instead of the response or the clean EOF it can retry after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import inspect
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
+import termios
 
 import h11
 import setproctitle
@@ -37,11 +46,35 @@ log = logging.getLogger("cadenza.worker")
 
 IDLE_GRACE = 1.0     # seconds an idle keep-alive connection is kept open once draining starts
 PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once draining starts
+LINGER = 2.0         # seconds a closing connection reads and discards after its FIN, at most
 EXIT_APP_ERROR = 3
+
+
+class _CycleTransport:
+    """The transport a request's RequestResponseCycle writes to: its close() lingers."""
+
+    def __init__(self, protocol: "DrainingH11Protocol", cycle) -> None:
+        self._protocol, self._cycle, self._transport = protocol, cycle, protocol.transport
+
+    def close(self) -> None:
+        # uvicorn closes here after a response with "Connection: close" (or keep_alive False), and
+        # when the application failed after starting its response.
+        self._protocol.close_lingering("response sent" if self._cycle.response_complete
+                                       else "application ended its response early")
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._protocol.lingering
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
 
 
 class DrainingH11Protocol(H11Protocol):
     draining = False
+    lingering = False          # FIN sent: input is read and discarded until EOF or LINGER
+    discarding = False         # input is read and discarded (lingering, or after a protocol error)
+    discarded = 0
+    _linger_timer: asyncio.TimerHandle | None = None
     # Set once the server starts its shutdown. asyncio may have accepted a connection whose
     # connection_made() runs only after uvicorn told every known connection to shut down; such
     # a late one must drain too, or it keeps serving until the graceful timeout cuts it.
@@ -52,6 +85,23 @@ class DrainingH11Protocol(H11Protocol):
         if DrainingH11Protocol.server_draining:
             self.shutdown()
 
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            self.discarded += len(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.lingering and self.discarded:
+            self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
+        # Returning None: asyncio closes the transport (uvicorn does the same).
+
+    def connection_lost(self, exc) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._unset_keepalive_if_required()
+        super().connection_lost(exc)
+
     def handle_events(self) -> None:
         super().handle_events()
         cycle = self.cycle
@@ -61,14 +111,40 @@ class DrainingH11Protocol(H11Protocol):
     def _wrap_send(self, cycle) -> None:
         # Installed before the request's task first runs, so the app receives this `send`.
         send = cycle.send
+        cycle.transport = _CycleTransport(self, cycle)
 
         async def send_closing_when_draining(message):
-            if message["type"] == "http.response.start" and self.draining:
+            if message["type"] == "http.response.start" and (self.draining or self.discarding):
                 # h11 sees the header, answers with "Connection: close" and ends the connection.
                 cycle.keep_alive = False
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
         cycle.send = send_closing_when_draining
+
+    def on_response_complete(self) -> None:
+        if self.lingering:   # the response that ended the connection: nothing follows it
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 rejected what the client sent. uvicorn answers 400 and closes, but h11 cannot send a
+        # second response while one is written (our_state SEND_BODY): uvicorn's attempt raises in
+        # data_received, asyncio drops the connection and the response in flight is cut after its
+        # headers. Here that response completes, with "Connection: close" if it has not started,
+        # and the rest of the input is discarded; the connection closes after it.
+        if self.response_in_flight():
+            self._log("%s: %s while a response is written; it completes, then the connection closes",
+                      self._peer(), msg)
+            self.discarding = True
+            self.cycle.keep_alive = False
+            return
+        for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                   headers=[(b"content-type", b"text/plain; charset=utf-8"),
+                                            (b"connection", b"close")]),
+                      h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.close_lingering("invalid request")
 
     def shutdown(self) -> None:
         # Nothing is cut here. A response not yet started goes out with "Connection: close" (see
@@ -78,21 +154,71 @@ class DrainingH11Protocol(H11Protocol):
         self.draining = True
         self.loop.call_later(IDLE_GRACE, self._close_if_idle)
 
+    def response_in_flight(self) -> bool:
+        cycle = self.cycle
+        return (self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+                or (cycle is not None and not cycle.response_complete))
+
+    def _unread(self) -> int:
+        """Bytes of a request that reached us but were not yet parsed: h11's buffer + the kernel's."""
+        try:
+            fd = self.transport.get_extra_info("socket").fileno()
+            kernel = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError):
+            kernel = 0
+        return len(self.conn.trailing_data[0]) + kernel
+
     def _close_if_idle(self, waited: float = 0.0) -> None:
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.lingering:
             return
-        in_flight = self.cycle is not None and not self.cycle.response_complete
-        arriving = self.conn.their_state is not h11.IDLE or bool(self.conn.trailing_data[0])
-        # A request in flight is never cut (uvicorn's graceful timeout bounds it); a request
-        # still arriving gets PARTIAL_GRACE to complete.
-        if in_flight or (arriving and waited < PARTIAL_GRACE):
+        # A request in flight is never cut (uvicorn's graceful timeout bounds it); a request that
+        # is still arriving, or whose bytes wait in a buffer, gets PARTIAL_GRACE to complete.
+        arriving = self.conn.their_state is not h11.IDLE or self._unread() > 0
+        if self.response_in_flight() or (arriving and waited < PARTIAL_GRACE):
             self.loop.call_later(IDLE_GRACE, self._close_if_idle, waited + IDLE_GRACE)
             return
-        try:
+        self.close_lingering("idle" if not arriving else f"request incomplete after {waited:g}s")
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn's handler sends h11.ConnectionClosed unconditionally: in the middle of a response
+        # that raises and leaves h11 in ERROR, so the response's next write fails and uvicorn
+        # closes the connection after its headers. Never mid-message; on_response_complete re-arms.
+        if self.transport.is_closing() or self.lingering or self.response_in_flight():
+            return
+        if self.conn.their_state is not h11.IDLE or self._unread() > 0:
+            return   # a request is arriving: data_received takes it from here
+        self.close_lingering("keep-alive timeout")
+
+    def close_lingering(self, reason: str) -> None:
+        """End the connection without RST: FIN, read and discard until the client's EOF (or
+        LINGER), then close. Never while h11 says this worker is writing a response."""
+        if self.transport.is_closing() or self.lingering:
+            return
+        cycle = self.cycle
+        self._log("%s: closing (%s): our_state=%s their_state=%s cycle=%s response_started=%s "
+                  "response_complete=%s unread=%d", self._peer(), reason, self.conn.our_state.__name__,
+                  self.conn.their_state.__name__, "none" if cycle is None else
+                  ("in flight" if not cycle.response_complete else "done"),
+                  cycle is not None and cycle.response_started,
+                  cycle is not None and cycle.response_complete, self._unread())
+        if self.conn.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE):
             self.conn.send(h11.ConnectionClosed())
-        except h11.LocalProtocolError:
-            pass   # h11 refuses to say "closed" mid-message; closing the transport is what counts
-        self.transport.close()
+        self.lingering = self.discarding = True
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except OSError:   # the client is gone already
+            self.transport.close()
+            return
+        self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
+
+    def _peer(self) -> str:
+        return "%s:%s" % self.client[:2] if self.client else "unix client"
+
+    def _log(self, fmt: str, *args) -> None:
+        log.log(logging.INFO if self.draining else logging.DEBUG, fmt, *args)
 
 
 class NotifyingServer(uvicorn.Server):
