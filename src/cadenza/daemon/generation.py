@@ -278,7 +278,7 @@ class Generation(Upgrades, Takeover):
         self._check_waits()
         text = self.status_text()
         # A next generation's notifier is muted until it is main: only the main master speaks.
-        if text != self._last_status and self.state not in (State.LEAVING, State.STOPPING):
+        if text != self._last_status and self.state not in (State.COMMITTED, State.LEAVING, State.STOPPING):
             self._last_status = text
             self.systemd.send(status=text)
 

@@ -102,6 +102,8 @@ class Upgrades:
         self.state = State.COMMITTED
         succession.appointed()
         self._after_barrier(lambda: self.handle(Event.BARRIER))
+        # Not main any more: after BARRIER=1 (which systemd takes from anyone) we say nothing.
+        self.systemd.muted = True
 
     def on_hand_over(self, **_) -> None:
         succession = self.succession
