@@ -14,20 +14,17 @@ its request never wakes the loop (a full close shows when its answer cannot be w
 
 from __future__ import annotations
 
-import array
 import errno
-import grp
 import logging
 import os
-import pwd
 import selectors
 import socket
 import stat
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .access import FULL, READER, Access, peer_credentials  # noqa: F401 - Access is part of the server's API
 from .protocol import (DENIED, FAILED, MAX_REQUEST, READ_ONLY, UNREACHABLE, USAGE, BadRequest, done, encode,
                        parse_request)
 
@@ -42,12 +39,7 @@ ACCEPT_PAUSE = 1.0      # after accept() found no free file descriptor
 ACCEPT_BATCH = 32       # connections taken per wake-up, so a flood cannot starve the workers
 REFUSAL_LOG_BURST = 10  # refusals logged one by one per REFUSAL_LOG_WINDOW, then counted
 REFUSAL_LOG_WINDOW = 10.0
-# Linux >= 4.13. Python does not name it; 59 is its number where asm-generic/socket.h rules.
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59 if os.uname().machine in (
-    "x86_64", "i686", "aarch64", "armv7l", "riscv64", "ppc64le", "s390x") else None)
-_UCRED = struct.Struct("3i")
 
-FULL, READER = "full", "read-only"
 
 
 class ControlError(Exception):
@@ -98,59 +90,6 @@ def _cannot_create(path: Path, exc: OSError) -> str:
         fix = "check the directory"
     return (f"cannot create control socket {path}: {exc.strerror or exc}; {fix}, "
             "or point [control] socket at a writable directory")
-
-
-class Access:
-    def __init__(self, allow_users=(), allow_groups=(), status_groups=()):
-        self.uids = {os.geteuid(), 0} | {_uid(name) for name in allow_users} - {None}
-        self.gids = {_gid(name) for name in allow_groups} - {None}
-        self.status_gids = {_gid(name) for name in status_groups} - {None}
-
-    def rank(self, uid: int, groups: set[int]) -> str | None:
-        """FULL, READER or None (refused), for a peer with this uid and these groups."""
-        if uid in self.uids or groups & self.gids:
-            return FULL
-        return READER if groups & self.status_gids else None
-
-
-def _uid(name: str) -> int | None:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        log.warning("control.allow_users: no user %r on this machine; ignored", name)
-        return None
-
-
-def _gid(name: str) -> int | None:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        log.warning("control: no group %r on this machine; ignored", name)
-        return None
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, set[int]]:
-    """(pid, uid, groups) of the peer as the kernel saw it at connect(): primary and
-    supplementary groups from SO_PEERGROUPS, not from /proc/PID, which a peer that exits (and
-    a pid that is reused) would make lie."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    try:   # Python caps the buffer at 1024 bytes: 256 groups; a peer in more gets ERANGE
-        if SO_PEERGROUPS is None:
-            raise OSError("SO_PEERGROUPS unknown here")
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-    except OSError:   # that, or a kernel without SO_PEERGROUPS
-        return pid, uid, {gid} | _proc_groups(pid)
-    return pid, uid, {gid} | set(array.array("I", raw[: len(raw) // 4 * 4]))
-
-
-def _proc_groups(pid: int) -> set[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
 
 
 class Client:
