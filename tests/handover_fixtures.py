@@ -37,14 +37,14 @@ CLIENTS = ThreadPoolExecutor(max_workers=16)   # HTTP clients beside the test; .
 
 
 class Hammer:
-    """Sequential GETs on new connections, and on one keep-alive connection, until check()."""
+    """Sequential GETs on new connections, and on `keepalive` keep-alive connections, until check()."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, keepalive: int = 1):
         self.port, self.done = port, threading.Event()
         self.failures: list[str] = []
         self.seen: collections.Counter[str] = collections.Counter()   # "release rN" -> answers
         self.clients = [CLIENTS.submit(self._loop, "new-connection", lambda: get(port)),
-                        CLIENTS.submit(self._keepalive)]
+                        *(CLIENTS.submit(self._keepalive) for _ in range(keepalive))]
 
     def _loop(self, name: str, request) -> None:
         while not self.done.wait(0.005):   # only pacing, so the masters are not starved of CPU

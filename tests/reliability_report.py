@@ -3,7 +3,7 @@ the tests that prove them against a real systemd (issue: faults, bad input, soak
 
     sudo .venv/bin/python tests/reliability_report.py [--repeat 3] [--out docs]
 
-Runs the selected tests --repeat times (the soak, 500 upgrades, and the Debian package tests once),
+Runs the selected tests --repeat times (the soak, 2,000 upgrades under 4 keep-alive clients, and the Debian package tests once),
 each run with $CADENZA_RESULTS_FILE set, so conftest.py records every test's outcome and the
 requests its HTTP clients had answered and lost; then writes one table row per scenario.
 Exit status: 0 when every run of every scenario passed.
@@ -32,6 +32,10 @@ SECTIONS = [
     ("Faults during a hand-off", [r"test_systemd_upgrade\.py::test_(old|new)_master", r"test_stop_during",
                                   r"test_ten_usr2", r"test_requests_in_flight", r"test_failed_upgrade",
                                   r"test_five_deploys"]),
+    ("The fault matrix: every step of the hand-over", [r"test_systemd_matrix\.py::"]),
+    ("The hand-over's committed point (systemd frozen in the barrier window) and its drain",
+     [r"test_systemd_handover\.py::"]),
+    ("Failures of the OS and of a new release's config", [r"test_systemd_os_faults\.py::"]),
     ("Faults of workers, of the unit and of its limits",
      [r"test_systemd_reliability\.py::test_(random|a_stopped|a_unit)", r"test_out_of_file_descriptors"]),
     ("The fd store", [r"test_fd_store"]),
@@ -57,7 +61,8 @@ LOSS_NOTES = {
     "while_the_next_one_boots": "a crash: systemd SIGKILLs the dead master's workers; none refused",
 }
 ONCE = ["tests/test_soak.py", "tests/test_packaging.py"]
-REPEATED = ["tests/test_systemd_upgrade.py", "tests/test_systemd_reliability.py",
+REPEATED = ["tests/test_systemd_upgrade.py", "tests/test_systemd_reliability.py", "tests/test_systemd_handover.py",
+            "tests/test_systemd_os_faults.py", *(["tests/test_systemd_matrix.py"] if (REPO / "tests/test_systemd_matrix.py").exists() else []),
             "tests/test_systemd_units.py::test_a_user_not_allowed_gets_exit_4", "tests/test_fuzz.py",
             "tests/test_control.py", "tests/test_config.py"]
 
@@ -140,7 +145,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
-    parser.add_argument("--soak-upgrades", type=int, default=500)
+    parser.add_argument("--soak-upgrades", type=int, default=2000)
     args = parser.parse_args()
     env = dict(os.environ, CADENZA_REQUIRE_SYSTEMD="1", CADENZA_SOAK_UPGRADES=str(args.soak_upgrades))
     runs = []

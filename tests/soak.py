@@ -1,7 +1,7 @@
 """Soak: N consecutive `systemctl reload`s of one app under a steady HTTP client, in a real
 systemd 252 booted in namespaces (tests/sdns.py).
 
-    sudo .venv/bin/python tests/soak.py [--upgrades 500] [--every 50] [--json PATH]
+    sudo .venv/bin/python tests/soak.py [--upgrades 500] [--every 50] [--keepalive 4] [--json PATH]
 
 Two releases ("a" and "b") are deployed once; each upgrade points `current` at the other one,
 reloads, and waits on a pidfd until the old master has exited.  Before the first upgrade, every
@@ -98,7 +98,7 @@ def upgrade(ns, app: AppRoot, tag: str) -> None:
     assert (got := answer(app)) == f"release {tag}", got
 
 
-def soak(ns, tmp_dir: Path, upgrades: int = 500, every: int = 50) -> dict:
+def soak(ns, tmp_dir: Path, upgrades: int = 500, every: int = 50, keepalive: int = 4) -> dict:
     """Deploy APP in `ns`, reload it `upgrades` times under a Hammer, sample every `every`.
 
     An upgrade that fails stops the soak; its message is in result["error"].  The journal of
@@ -115,9 +115,9 @@ def soak(ns, tmp_dir: Path, upgrades: int = 500, every: int = 50) -> dict:
     ns.systemctl("start", f"{APP}.socket", UNIT, check=True)
     assert answer(app) == f"release {TAGS[0]}"
 
-    result = dict(upgrades=upgrades, done=0, every=every, workers=app.workers["count"],
+    result = dict(upgrades=upgrades, done=0, every=every, keepalive=keepalive, workers=app.workers["count"],
                   samples=[], error=None, durations=[])
-    hammer = Hammer(app.port)
+    hammer = Hammer(app.port, keepalive=keepalive)
     t0 = time.monotonic()
     try:
         result["samples"].append(sample(ns, hammer, 0))
@@ -189,6 +189,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upgrades", type=int, default=500)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--keepalive", type=int, default=4, help="keep-alive clients beside the new-connection one")
     parser.add_argument("--json", type=Path, help="write the samples and totals here")
     args = parser.parse_args()
     ok, reason = sdns.available()
@@ -197,7 +198,7 @@ def main() -> int:
         return 2
     tmp_dir = Path(tempfile.mkdtemp(prefix="cadenza-soak-"))
     with sdns.SystemdNS(net="host") as ns:
-        result = soak(ns, tmp_dir, upgrades=args.upgrades, every=args.every)
+        result = soak(ns, tmp_dir, upgrades=args.upgrades, every=args.every, keepalive=args.keepalive)
     print(table(result))
     found = problems(result)
     print(f"{result['done']} upgrades in {result['seconds']} s (per upgrade {result.get('upgrade_seconds')}), "
