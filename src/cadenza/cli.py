@@ -145,10 +145,12 @@ def cmd_check(args, command: list[str]) -> int:
     path = C.discover(args.config)
     if path:
         problems += config_problems(path)
-    release = os.path.realpath(cfg.directory) if cfg.directory else os.getcwd()
-    if cfg.directory and not os.path.isdir(release):
-        problems.append(f"{cfg.directory}: app.directory does not resolve to an existing directory")
-    elif cfg.workers.app:
+    try:
+        release = C.resolve_release(cfg)
+    except C.ReleaseError as exc:
+        release = None
+        problems.append(str(exc))
+    if release is not None and cfg.workers.app:
         problems += _check_import(cfg.workers.app, release)
     for problem in problems:
         print(problem, file=sys.stderr)

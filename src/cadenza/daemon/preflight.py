@@ -42,9 +42,10 @@ def check(cfg: C.Config, argv: list[str], service_uid: int | None = None) -> Pla
                              "or app.exec_path, and write it with `cadenza pin --root ROOT`")
     uid = os.geteuid() if service_uid is None else service_uid
     directory = str(cfg.directory) if cfg.directory else os.getcwd()
-    release = os.path.realpath(directory)
-    if not os.path.isdir(release):
-        raise UpgradeRefused(f"{directory} does not resolve to an existing release (it points at {release})")
+    try:
+        release = C.resolve_release(cfg)
+    except C.ReleaseError as exc:
+        raise UpgradeRefused(str(exc)) from None
     config_path = _check_new_config(cfg, argv, directory)
     fd, real = open_pinned(exec_path, uid)
     return Plan(fd, real, directory, release, config_path)

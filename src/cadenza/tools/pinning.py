@@ -79,9 +79,9 @@ def pin(root: Path, python: str | None = None, socket: str | None = None, unit: 
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise PinError(f"--root {root} is not a directory; create it (it holds current/, releases/, shared/)")
-    cfg_path = root / "current" / "cadenza.toml"
+    cfg_path = C.discover(None, root / "current")
     cfg = C.defaults()
-    if socket is None and cfg_path.is_file():
+    if socket is None and cfg_path is not None:
         try:
             cfg = C.load(cfg_path)
         except C.ConfigError as exc:

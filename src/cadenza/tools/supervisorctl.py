@@ -68,11 +68,12 @@ def socket_path(args) -> Path:
         return Path(f"/run/cadenza/{name}/control.sock")
     if os.environ.get("CADENZA_CONTROL_SOCKET"):
         return Path(os.environ["CADENZA_CONTROL_SOCKET"])
-    if Path("cadenza.toml").is_file():
+    found = C.discover(None)
+    if found is not None:
         try:
-            return C.load("cadenza.toml").control_socket
+            return C.load(found).control_socket
         except C.ConfigError as exc:
-            raise Failure(USAGE, f"cannot read the control socket from ./cadenza.toml:\n{exc}") from None
+            raise Failure(USAGE, f"cannot read the control socket from {found}:\n{exc}") from None
     return C.defaults().control_socket
 
 

@@ -50,9 +50,9 @@ def _listen_lines(addresses: list[str]) -> list[str]:
 
 def timeouts(root: Path) -> tuple[int, int]:
     """(TimeoutStartSec, TimeoutStopSec) from ROOT/current/cadenza.toml, else the defaults."""
-    cfg_path = root / "current" / "cadenza.toml"
+    cfg_path = C.discover(None, root / "current")
     cfg = C.defaults()
-    if cfg_path.is_file():
+    if cfg_path is not None:
         try:
             cfg = C.load(cfg_path)
         except C.ConfigError as exc:
