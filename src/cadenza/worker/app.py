@@ -13,7 +13,7 @@ its next request is answered with `Connection: close`, and only a connection tha
 through the grace is closed. A request whose bytes reached us (h11's buffer or the kernel's)
 before that decision is answered; the decision is never taken while a response is written.
 
-Every close this worker makes lingers (DESIGN.md 4.2): FIN first, then whatever the client still
+Every close this worker decides lingers (DESIGN.md 4.2): FIN first, then whatever the client still
 sends is read and discarded until its EOF or LINGER, then close. A plain close() with unread
 bytes in the receive buffer makes the kernel answer with RST, and a client then sees ECONNRESET
 instead of the response or the clean EOF it can retry after.
@@ -53,7 +53,7 @@ EXIT_APP_ERROR = 3
 class _CycleTransport:
     """The transport a request's RequestResponseCycle writes to: its close() lingers."""
 
-    def __init__(self, protocol: "DrainingH11Protocol", cycle) -> None:
+    def __init__(self, protocol: DrainingH11Protocol, cycle) -> None:
         self._protocol, self._cycle, self._transport = protocol, cycle, protocol.transport
 
     def close(self) -> None:
@@ -91,14 +91,12 @@ class DrainingH11Protocol(H11Protocol):
             return
         super().data_received(data)
 
-    def eof_received(self) -> None:
-        if self.lingering and self.discarded:
-            self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
-        # Returning None: asyncio closes the transport (uvicorn does the same).
-
     def connection_lost(self, exc) -> None:
+        # The client's EOF (asyncio closes when eof_received returns None), LINGER, or an error.
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        if self.discarded:
+            self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
         self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
@@ -131,19 +129,26 @@ class DrainingH11Protocol(H11Protocol):
         # h11 rejected what the client sent. uvicorn answers 400 and closes, but h11 cannot send a
         # second response while one is written (our_state SEND_BODY): uvicorn's attempt raises in
         # data_received, asyncio drops the connection and the response in flight is cut after its
-        # headers. Here that response completes, with "Connection: close" if it has not started,
-        # and the rest of the input is discarded; the connection closes after it.
-        if self.response_in_flight():
+        # headers. That is what a client pipelining after a draining "Connection: close" response
+        # gets (h11: "Got data when expecting EOF"). Here a complete request in flight is answered
+        # (with "Connection: close" if not started), the rest of the input is discarded and the
+        # connection closes after the response.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
             self._log("%s: %s while a response is written; it completes, then the connection closes",
                       self._peer(), msg)
             self.discarding = True
-            self.cycle.keep_alive = False
+            cycle.keep_alive = False
             return
-        for event in (h11.Response(status_code=400, reason=b"Bad Request",
-                                   headers=[(b"content-type", b"text/plain; charset=utf-8"),
-                                            (b"connection", b"close")]),
-                      h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True   # its request is broken: the app hears http.disconnect
+            cycle.message_event.set()
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            for event in (h11.Response(status_code=400, reason=b"Bad Request",
+                                       headers=[(b"content-type", b"text/plain; charset=utf-8"),
+                                                (b"connection", b"close")]),
+                          h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
         self.close_lingering("invalid request")
 
     def shutdown(self) -> None:
@@ -185,22 +190,23 @@ class DrainingH11Protocol(H11Protocol):
         # closes the connection after its headers. Never mid-message; on_response_complete re-arms.
         if self.transport.is_closing() or self.lingering or self.response_in_flight():
             return
-        if self.conn.their_state is not h11.IDLE or self._unread() > 0:
-            return   # a request is arriving: data_received takes it from here
+        if self._unread() > 0:
+            return   # a request just reached us: data_received takes it from here
         self.close_lingering("keep-alive timeout")
 
     def close_lingering(self, reason: str) -> None:
         """End the connection without RST: FIN, read and discard until the client's EOF (or
-        LINGER), then close. Never while h11 says this worker is writing a response."""
+        LINGER), then close. The drain and the keep-alive timer never call this while a response
+        is written (response_in_flight); uvicorn does when the application fails mid-response."""
         if self.transport.is_closing() or self.lingering:
             return
         cycle = self.cycle
+        started, complete = (cycle.response_started, cycle.response_complete) if cycle else (False, False)
         self._log("%s: closing (%s): our_state=%s their_state=%s cycle=%s response_started=%s "
                   "response_complete=%s unread=%d", self._peer(), reason, self.conn.our_state.__name__,
-                  self.conn.their_state.__name__, "none" if cycle is None else
-                  ("in flight" if not cycle.response_complete else "done"),
-                  cycle is not None and cycle.response_started,
-                  cycle is not None and cycle.response_complete, self._unread())
+                  self.conn.their_state.__name__,
+                  "none" if cycle is None else "done" if complete else "in flight",
+                  started, complete, self._unread())
         if self.conn.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE):
             self.conn.send(h11.ConnectionClosed())
         self.lingering = self.discarding = True
@@ -209,13 +215,13 @@ class DrainingH11Protocol(H11Protocol):
         self.transport.resume_reading()
         try:
             self.transport.write_eof()
-        except OSError:   # the client is gone already
+        except (OSError, NotImplementedError):   # the client is gone already, or no half-close
             self.transport.close()
             return
         self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
 
     def _peer(self) -> str:
-        return "%s:%s" % self.client[:2] if self.client else "unix client"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unix client"
 
     def _log(self, fmt: str, *args) -> None:
         log.log(logging.INFO if self.draining else logging.DEBUG, fmt, *args)

@@ -1,0 +1,416 @@
+"""The built-in worker's drain, without a master: the real worker process on a listening socket
+this test owns (fd 3, LISTEN_FDS=1), the test playing NOTIFY_SOCKET, real TCP clients.
+
+What a draining worker owes its clients (DESIGN.md 4.2): no RST ever; a request whose bytes
+reached it before it decided to close is answered (with `Connection: close`); a response is
+never cut; a closing connection lingers (FIN, read and discard, close). Because the test owns
+the listening socket, it can also play the successor: a connection the worker never accepted is
+still in the backlog, and the test answers it after the worker has exited.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h11
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from cadenza.worker.app import IDLE_GRACE, LINGER, DrainingH11Protocol
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+SUCCESSOR = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nsuccessor"
+# Puts the listener at fd 3 and execs the worker: the pid stays, so LISTEN_PID is right.
+LAUNCH = """import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, "-m", "cadenza.worker.app", sys.argv[2]])
+"""
+GATED_APP = '''\
+import os, sys, time
+
+
+def wait_for(path):
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def app(environ, start_response):
+    gate = environ["QUERY_STRING"]
+    print("gated: request in the app", file=sys.stderr, flush=True)
+    wait_for(gate + ".start")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "20")])
+    yield b"first half"
+    wait_for(gate + ".end")
+    yield b"other half"
+'''
+
+
+class Worker:
+    def __init__(self, tmp: Path, app: str = "cadenza.demo:app", env: dict | None = None):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1024)
+        self.port = self.listener.getsockname()[1]
+        self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inbox.bind(str(tmp / f"notify-{time.monotonic_ns()}"))
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+        full_env.update(LISTEN_FDS="1", NOTIFY_SOCKET=self.inbox.getsockname(), **(env or {}))
+        fd = self.listener.fileno()
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(fd), app], pass_fds=(fd,),
+                                     cwd=tmp, env=full_env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._eof = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        self.inbox.settimeout(timeout)
+        while b"READY=1" not in self.inbox.recv(4096):
+            pass
+
+    def wait_log(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    raise AssertionError(f"worker never logged {text!r}:\n{self.log()}")
+                self._cond.wait(left)
+
+    def drain(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.wait_log("Shutting down")
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.listener.close()
+        self.inbox.close()
+
+
+@pytest.fixture
+def worker(tmp_path):
+    workers = []
+
+    def _start(*args, **kw) -> Worker:
+        w = Worker(tmp_path, *args, **kw)
+        workers.append(w)
+        w.wait_ready()
+        return w
+    yield _start
+    for w in workers:
+        w.close()
+
+
+class Reply:
+    """What a client saw for one request: "ok", "eof" (clean EOF before any byte), "reset",
+    "truncated" (some bytes, then EOF)."""
+
+    def __init__(self, sock: socket.socket | None, kind: str = "eof"):
+        self.kind, self.headers, self.body = kind, {}, b""
+        if sock is not None:
+            self._read(sock)
+
+    def _read(self, sock: socket.socket) -> None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    self.kind = "truncated" if data else "eof"
+                    return
+                data += chunk
+            head, _, self.body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split()[1])
+            self.headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            length = int(self.headers.get("content-length", "0"))
+            while len(self.body) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    self.kind = "truncated"
+                    return
+                self.body += chunk
+            self.kind = "ok"
+        except ConnectionResetError:
+            self.kind = "reset"
+
+    @property
+    def closes(self) -> bool:
+        return self.headers.get("connection", "").lower() == "close"
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.headers} {self.body[:40]!r}>"
+
+
+def clean_eof(sock: socket.socket) -> bool:
+    """After a response with "Connection: close": the worker's FIN, not an RST."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return False
+
+
+def test_idle_close_racing_a_request_never_resets(worker):
+    """Keep-alive clients send their next request just as the drain closes idle connections.
+    Each request is answered (Connection: close) or meets a clean EOF, and only one that the
+    worker read after deciding to close: its close line says nothing was unread (unread=0) and
+    it discarded exactly that request. Before the lingering close, ~10% saw ECONNRESET."""
+    w = worker()
+    clients = 200
+    primed = threading.Barrier(clients + 1, timeout=30)
+    drain_started: list[float] = []
+    go = threading.Event()
+    results: dict[int, Reply] = {}
+
+    def client():
+        with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+            port = s.getsockname()[1]
+            s.sendall(REQUEST)
+            first = Reply(s)
+            assert first.kind == "ok" and not first.closes, first
+            primed.wait()
+            assert go.wait(30)
+            # The race is the point: the drain decides at IDLE_GRACE; aim around that moment.
+            time.sleep(max(0.0, drain_started[0] + random.uniform(IDLE_GRACE - 0.05, IDLE_GRACE + 0.08)
+                           - time.monotonic()))
+            try:
+                s.sendall(REQUEST)
+            except (BrokenPipeError, ConnectionResetError):
+                results[port] = Reply(None, "reset")
+                return
+            reply = results[port] = Reply(s)
+            if reply.kind == "ok":
+                reply.clean_eof = clean_eof(s)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    primed.wait()
+    w.drain()
+    drain_started.append(time.monotonic())
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert w.proc.wait(15) == 0
+    kinds = [r.kind for r in results.values()]
+    assert len(kinds) == clients
+    assert kinds.count("reset") == 0 and kinds.count("truncated") == 0, sorted(set(kinds))
+    for port, reply in results.items():
+        if reply.kind == "ok":
+            assert reply.status == 200 and reply.closes and reply.clean_eof, reply
+            continue
+        close = w.wait_log(f"127.0.0.1:{port}: closing (")
+        assert "closing (idle)" in close and "unread=0" in close, close
+        assert f"127.0.0.1:{port}: discarded {len(REQUEST)} byte(s)" in w.log(), port
+    assert "ok" in kinds, "no request beat the idle close: the race was not run"
+
+
+def test_bytes_sent_while_a_draining_response_is_written_do_not_cut_it(worker, tmp_path):
+    """A response going out with "Connection: close" (the drain's) makes h11 reject anything
+    the client sends after it. uvicorn then tries a 400 in the middle of the response, h11
+    raises inside data_received, asyncio drops the connection: the client had the headers
+    (Content-Length: 20) and 10 bytes, then EOF. The response must complete instead."""
+    (tmp_path / "gated.py").write_text(GATED_APP)
+    w = worker("gated:app")
+    gate = tmp_path / "g"
+    with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+        s.sendall(f"GET /?{gate} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        w.wait_log("gated: request in the app")
+        w.drain()
+        Path(f"{gate}.start").touch()
+        head = b""
+        while head.count(b"\r\n\r\n") == 0 or not head.endswith(b"first half"):
+            chunk = s.recv(65536)
+            assert chunk, f"EOF after {head!r}"
+            head += chunk
+        assert b"connection: close" in head.lower()
+        s.sendall(REQUEST)   # a pipelining client: its next request, while the body is written
+        w.wait_log("Invalid HTTP request received.")
+        Path(f"{gate}.end").touch()
+        rest = b""
+        while len(rest) < len(b"other half"):
+            chunk = s.recv(65536)
+            assert chunk, f"response cut after {head + rest!r}"
+            rest += chunk
+        assert rest == b"other half"
+        assert clean_eof(s)
+    assert w.proc.wait(15) == 0
+    assert "while a response is written; it completes" in w.log()
+
+
+def test_no_close_while_a_response_is_written():
+    """Neither the drain's idle check nor uvicorn's keep-alive timer may end a connection, or
+    tell h11 it ended, between a response's headers and its body. uvicorn's own handler sends
+    h11.ConnectionClosed regardless: h11 raises and is left in ERROR, so the response's next
+    write fails and uvicorn closes after the headers (Content-Length promised, no body)."""
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"19")]})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"release a pid 1234\n"})
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.out, self.closed, self.eof = bytearray(), False, False
+
+        def write(self, data):
+            assert not self.closed and not self.eof, "write after close"
+            self.out += data
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+        def write_eof(self):
+            self.eof = True
+
+        def can_write_eof(self):
+            return True
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 80)}.get(name, default)
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def scenario():
+        config = uvicorn.Config(app, http=DrainingH11Protocol, lifespan="off", log_config=None)
+        config.load()
+        protocol = DrainingH11Protocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        transport = Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(REQUEST)
+        while protocol.conn.our_state is not h11.SEND_BODY:
+            await asyncio.sleep(0)   # the app's task runs up to its headers
+        protocol.shutdown()
+        protocol._close_if_idle(waited=60.0)
+        protocol.timeout_keep_alive_handler()
+        assert protocol.conn.our_state is h11.SEND_BODY
+        assert not transport.closed and not transport.eof
+        release.set()
+        for _ in range(100):
+            if protocol.cycle.response_complete:
+                break
+            await asyncio.sleep(0)
+        assert transport.out.endswith(b"\r\n\r\nrelease a pid 1234\n")
+        for task in protocol.tasks:
+            await task
+
+    asyncio.run(scenario())
+
+
+def test_hammered_worker_exits_and_every_connection_ends_with_close(worker):
+    """Keep-alive clients that never pause and clients on new connections, through a drain:
+    every request is answered, by the worker or by the successor (the test, from the backlog of
+    the listening socket the worker stops accepting on); every connection the worker served
+    ends with a response carrying "Connection: close" and then its clean FIN, those accepted
+    after the drain began included; and the worker exits within its grace plus its linger."""
+    w = worker()
+    stop = threading.Event()
+    failures: list[str] = []
+    served = threading.Semaphore(0)
+    counts = {"worker": 0, "successor": 0}
+    lock = threading.Lock()
+
+    def keepalive_client():
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+                while not stop.is_set():
+                    s.sendall(REQUEST)
+                    reply = Reply(s)
+                    if reply.kind != "ok" or reply.status != 200:
+                        failures.append(f"keep-alive: {reply!r}")
+                        return
+                    with lock:
+                        counts["successor" if reply.body == b"successor" else "worker"] += 1
+                    served.release()
+                    if reply.closes:
+                        if not clean_eof(s):
+                            failures.append(f"keep-alive: no clean EOF after {reply!r}")
+                        break
+
+    def new_connection_client():
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+                s.sendall(REQUEST)
+                reply = Reply(s)
+                if reply.kind != "ok" or reply.status != 200:
+                    failures.append(f"new connection: {reply!r}")
+                    return
+                served.release()
+
+    threads = ([threading.Thread(target=keepalive_client) for _ in range(8)]
+               + [threading.Thread(target=new_connection_client) for _ in range(4)])
+    for t in threads:
+        t.start()
+    for _ in range(200):   # traffic first: the drain must meet connections in every state
+        assert served.acquire(timeout=15), failures
+    started = time.monotonic()
+    w.drain()
+    assert w.proc.wait(15) == 0
+    took = time.monotonic() - started
+    # The successor: whatever the worker left in the backlog is answered here.
+    w.listener.settimeout(0.2)
+    stop.set()
+    deadline = time.monotonic() + 15
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        try:
+            conn, _ = w.listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            if data:
+                conn.sendall(SUCCESSOR)
+    for t in threads:
+        t.join(5)
+    assert not failures, failures[:5]
+    assert counts["worker"] > 0, counts
+    assert took < IDLE_GRACE + LINGER + 3, f"the worker took {took:.1f}s to drain"
+    closes = [line for line in w.lines if ": closing (" in line]
+    assert all(re.search(r": closing \((response sent|idle)\)", line) for line in closes), closes
