@@ -60,6 +60,9 @@ def test_after_mainpid_nothing_stops_the_successor():
     # COMMITTED: a stop is forwarded, a failure of the successor is systemd's to judge.
     assert decide(State.COMMITTED, Event.STOP) == "forward_stop"
     assert decide(State.COMMITTED, Event.STOP_NOW) == "forward_stop_now"
+    # A stop reaching N after the hand-over was meant for the service (systemd had not taken
+    # MAINPID= yet when it sent it): N passes it on, it does not swallow it.
+    assert decide(State.LEAVING, Event.STOP) == "pass_stop_on"
     assert isinstance(decide(State.COMMITTED, Event.SUCCESSOR_FAILED), Ignore)
     # A next generation named in MAINPID= treats its predecessor's death as the end of the hand-over.
     assert decide(State.APPOINTED, Event.PREDECESSOR_GONE) == "made_main"

@@ -36,6 +36,7 @@ class Notifier:
         # A new master stays muted until its predecessor made it main: under NotifyAccess=main
         # systemd would refuse (and log) everything it said before that.
         self.muted = False
+        self.last_error: OSError | None = None   # why the last send or barrier failed
         self._sock: socket.socket | None = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -85,7 +86,8 @@ class Notifier:
         try:
             self._sock.sendmsg([b"BARRIER=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]))],
                                0, _sockaddr(self.address))
-        except OSError:
+        except OSError as exc:
+            self.last_error = exc
             os.close(r)
             return None
         finally:

@@ -200,9 +200,16 @@ class Generation(Upgrades, Takeover):
         self._stop(exitcodes.OK, kill=True)
 
     def on_forward_stop(self, source: str = "", **_) -> None:
-        log.info("stop requested%s after MAINPID= was sent: generation %d is told to stop once it is main",
+        log.info("stop requested%s after MAINPID= was sent: it is passed on to generation %d once it is main",
                  f" by {source}" if source else "", self.number + 1)
         self.pending_stop = True
+
+    def on_pass_stop_on(self, source: str = "", **_) -> None:
+        # systemd TERMs the main process it knows; one that reaches us after the hand-over was
+        # sent before systemd took MAINPID= (it may come in the same turn as BARRIER=1's answer).
+        if self.succession is not None and self.succession.signal(signal.SIGTERM):
+            log.info("stop requested%s after the hand-over: it is passed on to generation %d; "
+                     "this generation keeps draining", f" by {source}" if source else "", self.number + 1)
 
     def on_forward_stop_now(self, source: str = "", **_) -> None:
         self.on_forward_stop(source)

@@ -109,8 +109,7 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # predecessor to drain: exiting first would let systemd's final SIGKILL cut its requests.
     Event.STOP: _row(
         "stop", APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor",
-        COMMITTED="forward_stop", LEAVING=Ignore("already draining: a stop changes nothing"),
-        STOPPING=Ignore("already stopping")),
+        COMMITTED="forward_stop", LEAVING="pass_stop_on", STOPPING=Ignore("already stopping")),
     Event.STOP_NOW: _row(
         "stop_now", COMMITTED="forward_stop_now", LEAVING="stop_now", STOPPING="stop_now"),
     Event.UPGRADE: _row(

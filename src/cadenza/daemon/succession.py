@@ -193,6 +193,16 @@ class Succession:
     def alive(self) -> bool:
         return self._pidfd is not None
 
+    def signal(self, sig: int) -> bool:
+        """Signal N+1's master through its pidfd (never a reused pid); False once it is gone."""
+        if self._pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
     # ---- what N decides -----------------------------------------------------------------
 
     def fail(self, reason: str) -> None:

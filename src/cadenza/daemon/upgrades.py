@@ -164,8 +164,12 @@ class Upgrades:
     def _after_barrier(self, then: Callable[[], None]) -> None:
         fd = self.systemd.barrier()
         if fd is None:
+            if self.systemd.enabled and not self.systemd.muted:
+                log.warning("BARRIER=1 could not be sent (%s); going on without systemd's confirmation",
+                            self.systemd.last_error)
             self.loop.after(0, then)
             return
+        log.debug("waiting for systemd to take what we sent (BARRIER=1)")
         fired = []
 
         def once() -> None:
@@ -174,5 +178,15 @@ class Upgrades:
                 self.loop.remove(fd)
                 os.close(fd)
                 then()
-        self.loop.add_reader(fd, once)
+
+        def readable() -> None:
+            # Only the end of the pipe means systemd took it; anything else is a spurious wake-up.
+            try:
+                data = os.read(fd, 1)
+            except BlockingIOError:
+                log.warning("BARRIER=1: spurious wake-up on fd %d; still waiting", fd)
+                return
+            if not data:
+                once()
+        self.loop.add_reader(fd, readable)
         self.loop.after(BARRIER_TIMEOUT, once)   # a systemd slow to read must not stall us forever
