@@ -132,7 +132,7 @@ def poll(probe, timeout: float = 15.0, what: str = "condition"):
 def title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except FileNotFoundError:
+    except OSError:   # gone, or going (ProcessLookupError, ESRCH)
         return ""
 
 
@@ -281,6 +281,6 @@ def masters(ns) -> set[str]:
     procs = ns.cgroup / "system.slice" / UNIT / "cgroup.procs"
     try:
         pids = procs.read_text().split()
-    except FileNotFoundError:   # the unit is not running
+    except OSError:   # the unit is not running, or its cgroup is going (ENODEV)
         return set()
     return {t.split(" [")[0] for t in map(title, map(int, pids)) if t.startswith("cadenza master")}

@@ -273,10 +273,14 @@ class Generation(Upgrades, Takeover):
 
     def status_text(self) -> str:
         pool = self.pool
-        text = f"generation {self.number} {self.state.value}: {pool.ready_count()}/{len(pool.slots)} workers ready"
+        # A new main serves while its predecessor drains: "serving" is what an operator needs to read.
+        label = "serving" if self.state is State.TAKING_OVER else self.state.value
+        text = f"generation {self.number} {label}: {pool.ready_count()}/{len(pool.slots)} workers ready"
         waiting = [s.last_death for s in pool.slots.values() if s.worker is None and s.last_death]
         if waiting:
             text += "; " + waiting[0]
+        if self.state is State.TAKING_OVER:
+            text += f"; generation {self.number - 1} still draining"
         if pool.rolling:
             text += "; rolling restart"
         return text

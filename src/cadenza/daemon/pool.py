@@ -110,7 +110,7 @@ class Pool:
         slot.worker = self._spawn(slot)
         return slot
 
-    def _spawn(self, slot: Slot) -> Worker | None:
+    def _spawn(self, slot: Slot, replacing: bool = False) -> Worker | None:
         spec = self.spec
         extra = {"CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
         if spec.watchdog:
@@ -121,6 +121,9 @@ class Pool:
                                 notify_address=spec.notify_address, cwd=spec.release,
                                 extra_env=extra, output_fd=spec.output_fd)
         except OSError as exc:
+            if replacing:   # a rolling restart's replacement: the old worker keeps serving
+                log.error("worker %d could not be replaced: fork failed: %s", slot.id, exc.strerror or exc)
+                return None
             # EAGAIN under TasksMax=, ENOMEM: as if the worker died at once; retried with backoff.
             slot.failures += 1
             slot.last_death = f"worker {slot.id} could not be started: fork failed: {exc.strerror or exc}"
@@ -245,9 +248,9 @@ class Pool:
             if slot is None or slot.worker is None:
                 self.rolling.pop(0)
                 continue
-            slot.incoming = self._spawn(slot)
+            slot.incoming = self._spawn(slot, replacing=True)
             if slot.incoming is None:
-                log.error("rolling restart abandoned: %s", slot.last_death)
+                log.error("rolling restart abandoned; the workers not replaced keep serving")
                 self.rolling.clear()
             return
         log.info("rolling restart done")

@@ -132,10 +132,7 @@ class Upgrades:
         if succession is None:
             return
         if self.state is State.COMMITTED:
-            log.error("generation %d (pid %d) exited after MAINPID= named it; systemd decides what follows",
-                      succession.generation, succession.pid)
-            self.last_upgrade = succession.outcome(False, "the new generation exited after MAINPID=")
-            self._leave()
+            self._reclaim(succession)
             return
         if succession.stage is Stage.DONE:
             return   # the main generation we handed over to has gone: not ours to judge
@@ -144,6 +141,25 @@ class Upgrades:
             self.state = State.SERVING
         self._upgrade_over(succession, succession.reason or "the new generation exited")
         self._maybe_exit()
+
+    def _reclaim(self, succession: Succession) -> None:
+        """N+1 died between MAINPID= and "main". systemd refuses a MAINPID= naming a dead process
+        ("does not exist or is a zombie"), and then we are still its main process: say so and serve
+        on, with every worker we still have. Had systemd taken it before N+1 died, it treats that
+        as its main process failing and restarts the unit whatever we say (it refuses ours)."""
+        reason = (f"generation {succession.generation} (pid {succession.pid}) exited after MAINPID= named it; "
+                  f"generation {self.number} serves on")
+        log.error("%s", reason)
+        self.succession = None
+        self.systemd.muted = False
+        self.systemd.send(mainpid=os.getpid())
+        self.state = State.SERVING
+        for slot in self.pool.slots.values():   # deaths while committed were not respawned
+            self.pool.respawn(slot)
+        self._upgrade_over(succession, reason)
+        if self.pending_stop:
+            self.pending_stop = False
+            self.handle(Event.STOP, source="the stop that reached us in the barrier window")
 
     def _upgrade_over(self, succession: Succession, reason: str) -> None:
         """A failed upgrade: READY=1 with the reason, then (once systemd took it, so that a failed

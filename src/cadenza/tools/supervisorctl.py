@@ -211,7 +211,10 @@ def unit_state(unit: str) -> dict:
 
 
 def format_status(st: dict) -> str:
-    lines = [f"{st.get('app')}: generation {st.get('generation')} {st.get('state')}"
+    state = st.get("state")
+    if state == "taking over":   # main, while the previous generation still drains
+        state = f"serving (generation {(st.get('generation') or 1) - 1} still draining)"
+    lines = [f"{st.get('app')}: generation {st.get('generation')} {state}"
              f"{'' if st.get('main') else ' (not main yet)'}, master pid {st.get('pid')}, up {st.get('age')}s",
              f"  release   {st.get('release')}{'' if st.get('release_exists') else '  (DELETED)'}",
              f"  listeners {', '.join(st.get('listeners', []))}"]
