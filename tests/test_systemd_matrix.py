@@ -127,7 +127,7 @@ MATRIX: dict[tuple[str, str], Expect | NotApplicable] = {
     ("fork", "HUP"): Expect(
         "HUP to N: make-before-break, the first replacement cannot fork, the rolling restart is abandoned "
         "and the old workers keep serving; a HUP once the limit is lifted replaces both",
-        **OLD, rc=1, replaced=True, logged=("rolling restart abandoned: worker 1 could not be started",)),
+        **OLD, rc=1, replaced=True, logged=("worker 1 could not be replaced: fork failed", "rolling restart abandoned")),
     ("fork", "upgrade"): Expect(
         "a second `supervisorctl upgrade` and SIGUSR2 to N fail the same way, at once; with the limit "
         "lifted, a third hands over", rc=1, rc2=1, logged=(f"could not start generation 2: {EAGAIN}",),
