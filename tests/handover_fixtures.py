@@ -194,7 +194,7 @@ def proc_state(pid: int) -> str:
     """R, S, T (stopped), Z ...; "" once the process is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except OSError:   # gone, or going (ESRCH)
         return ""
 
 

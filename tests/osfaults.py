@@ -55,7 +55,7 @@ def answer(app) -> str:
 def title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except FileNotFoundError:
+    except OSError:   # gone, or going (ESRCH)
         return ""
 
 

@@ -169,7 +169,7 @@ def cpu_seconds(pid: int) -> float:
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except OSError:   # gone, or going (ESRCH)
         return False
     return state != "Z"
 
