@@ -141,7 +141,7 @@ def unit_procs(ns) -> dict[int, int]:
     cgroup = ns.show(UNIT, "ControlGroup")["ControlGroup"]   # "" once the unit stopped
     found = {}
     for pid in (ns.cgroup / cgroup.lstrip("/") / "cgroup.procs").read_text().split() if cgroup else ():
-        with contextlib.suppress(FileNotFoundError):   # it exited while we looked
+        with contextlib.suppress(OSError, IndexError):   # it exited while we looked
             nspid = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
             if alive(int(pid)):
                 found[int(nspid)] = int(pid)
@@ -164,6 +164,7 @@ def heir(ns, app: AppRoot) -> int | None:
 def status(app: AppRoot) -> dict:
     """`supervisorctl status --json`, spoken directly on the control socket from the host."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
         sock.connect(str(app.socket))
         sock.sendall(b'{"cmd": "status"}\n')
         return json.loads(sock.makefile().read().splitlines()[-1])["status"]

@@ -7,16 +7,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
-import json
 import select
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import tally
-from procs import alive, get
+from handover_fixtures import answer, heir, journal_has, main_pid, poll, status, title, unit_procs  # noqa: F401 - shared
+from procs import get
 
 APP = "web"
 UNIT = f"{APP}.service"
@@ -35,66 +34,6 @@ async def asgi(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 '''
 ASGI_RELEASE = {"app_body": ASGI, "app": "app:asgi"}   # AppRoot.release()'s settings for it
-
-
-def poll(probe, timeout: float = 15.0, what: str = "condition"):
-    """probe()'s first truthy value; only for states that nothing announces to the test."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.01)
-    return value
-
-
-def answer(app) -> str:
-    status, body = get(app.port)
-    assert status == 200, body
-    return body.split(" pid")[0]
-
-
-def title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:   # gone, or going (ESRCH)
-        return ""
-
-
-def unit_procs(ns) -> dict[int, int]:
-    """{namespace pid: host pid} of every live process of APP.service."""
-    cgroup = ns.show(UNIT, "ControlGroup")["ControlGroup"]   # "" once the unit stopped
-    found = {}
-    for pid in (ns.cgroup / cgroup.lstrip("/") / "cgroup.procs").read_text().split() if cgroup else ():
-        with contextlib.suppress(FileNotFoundError, IndexError):   # it exited while we looked
-            nspid = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
-            if alive(int(pid)):
-                found[int(nspid)] = int(pid)
-    return found
-
-
-def main_pid(ns) -> tuple[str, int]:
-    """MainPID as systemd says it, and the host pid of that process."""
-    pid = ns.show(UNIT, "MainPID")["MainPID"]
-    return pid, unit_procs(ns)[int(pid)]
-
-
-def status(app) -> dict:
-    """`supervisorctl status --json`, spoken directly on the control socket from the host."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(app.socket))
-        sock.sendall(b'{"cmd": "status"}\n')
-        return json.loads(sock.makefile().read().splitlines()[-1])["status"]
-
-
-def heir(ns, app) -> int | None:
-    """Host pid of the next generation's master while an upgrade runs, as master N reports it."""
-    upgrading = status(app)["upgrading"]
-    return upgrading and unit_procs(ns).get(upgrading["pid"])
-
-
-def journal_has(ns, text: str) -> str:
-    # journald reads streams asynchronously: a line written before systemctl returned may lag.
-    return poll(lambda: text in (j := ns.journal("-o", "cat")) and j, what=f"journal line {text!r}")
 
 
 def _v1_pids_root() -> Path | None:
