@@ -22,7 +22,7 @@ from procs import free_port
 
 # Appended to deploy.APP, served as ASGI: the same answers ("release rN pid P"), and /slow?s=N
 # waits with asyncio, so a worker that holds a slow request still accepts and answers others,
-# and no request needs a new thread (a2wsgi's pool would start one, refused at a pids limit).
+# and no request needs a new thread (the WSGI thread pool would start one, refused at a pids limit).
 ASGI = '''
 import asyncio
 

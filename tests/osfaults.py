@@ -20,7 +20,7 @@ from procs import get
 APP = "web"
 UNIT = f"{APP}.service"
 
-# Appended to deploy.APP: the same answers, served without a2wsgi's thread pool, so that a
+# Appended to deploy.APP: the same answers, served without the WSGI thread pool, so that a
 # worker never needs a new task per request while the unit sits at its TasksMax=.
 ASGI = '''
 async def asgi(scope, receive, send):

@@ -2,229 +2,83 @@
 
 Serves a WSGI or ASGI application with uvicorn on the listeners its master passed as fds 3..n
 (`Server.run(sockets=...)`, not `--fd`, which mislabels TCP sockets as AF_UNIX and loses
-TCP_NODELAY). WSGI applications run through a2wsgi's WSGIMiddleware. READY=1 goes to the
-generation's NOTIFY_SOCKET once the application is imported and the server listens.
+TCP_NODELAY). The engine is httptools (llhttp) on uvloop when they are installed, h11 on asyncio
+otherwise, or what `[http] protocol` and `loop` ask for; both engines drain the same way
+(drain.py). WSGI applications run through wsgi.py's thread pool. READY=1 goes to the
+generation's NOTIFY_SOCKET once the ASGI lifespan startup has completed and the server listens;
+a startup that fails ends the worker with exit 3 and its reason in STATUS=.
 
-Draining (SIGTERM/SIGQUIT/SIGINT): stop accepting, finish the requests in flight and answer
-them with `Connection: close`. An idle keep-alive connection is not cut at once: a client such
-as wrk writes its next request the moment a response arrives, and closing the connection under
-that request is exactly the error it would see. The idle connection is kept for a short grace,
-its next request is answered with `Connection: close`, and only a connection that stays idle
-through the grace is closed. A request whose bytes reached us (h11's buffer or the kernel's)
-before that decision is answered; the decision is never taken while a response is written.
-
-Every close this worker decides lingers (DESIGN.md 4.2): FIN first, then whatever the client still
-sends is read and discarded until its EOF or LINGER, then close. A plain close() with unread
-bytes in the receive buffer makes the kernel answer with RST, and a client then sees ECONNRESET
-instead of the response or the clean EOF it can retry after.
+The `[http]` settings arrive as the JSON object CADENZA_HTTP (config.http_environment).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import importlib
 import inspect
+import json
 import logging
 import os
 import signal
 import socket
-import struct
 import sys
-import termios
 
-import h11
 import setproctitle
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.lifespan.on import LifespanOn
 
 from .. import logs
+try:
+    from ..config import HttpSection
+except ImportError:  # TEMPORARY
+    from dataclasses import dataclass as _dc
+
+    @_dc(frozen=True)
+    class HttpSection:
+        protocol: str = "auto"
+        loop: str = "auto"
+        lifespan: str = "auto"
+        keepalive: float = 5
+        access_log: bool = False
+        proxy_headers: bool = True
+        forwarded_allow_ips: tuple = ("127.0.0.1",)
+        root_path: str = ""
+        limit_concurrency: int = 0
+        certfile: str | None = None
+        keyfile: str | None = None
+        wsgi_threads: int = 10
+from ..exitcodes import WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
+from .drain import IDLE_GRACE, LINGER, PARTIAL_GRACE, Draining  # noqa: F401 - the drain's knobs
+from .h11_protocol import DrainingH11Protocol  # noqa: F401 - the fallback engine, and for tests
 
 log = logging.getLogger("cadenza.worker")
 
-IDLE_GRACE = 1.0     # seconds an idle keep-alive connection is kept open once draining starts
-PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once draining starts
-LINGER = 2.0         # seconds a closing connection reads and discards after its FIN, at most
-EXIT_APP_ERROR = 3
+EXIT_APP_ERROR = WORKER_APP_ERROR
+EXIT_USAGE = 64
 
 
-class _CycleTransport:
-    """The transport a request's RequestResponseCycle writes to: its close() lingers."""
-
-    def __init__(self, protocol: DrainingH11Protocol, cycle) -> None:
-        self._protocol, self._cycle, self._transport = protocol, cycle, protocol.transport
-
-    def close(self) -> None:
-        # uvicorn closes here after a response with "Connection: close" (or keep_alive False), and
-        # when the application failed after starting its response.
-        self._protocol.close_lingering("response sent" if self._cycle.response_complete
-                                       else "application ended its response early")
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing() or self._protocol.lingering
-
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
+class StartupFailed(Exception):
+    """The application could not be loaded or its lifespan startup failed: exit 3."""
 
 
-class DrainingH11Protocol(H11Protocol):
-    draining = False
-    lingering = False          # FIN sent: input is read and discarded until EOF or LINGER
-    discarding = False         # input is read and discarded (lingering, or after a protocol error)
-    discarded = 0
-    _linger_timer: asyncio.TimerHandle | None = None
-    # Set once the server starts its shutdown. asyncio may have accepted a connection whose
-    # connection_made() runs only after uvicorn told every known connection to shut down; such
-    # a late one must drain too, or it keeps serving until the graceful timeout cuts it.
-    server_draining = False
+class RecordingLifespan(LifespanOn):
+    """uvicorn's lifespan, keeping why a startup failed for STATUS=."""
 
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        if DrainingH11Protocol.server_draining:
-            self.shutdown()
+    failure = ""
 
-    def data_received(self, data: bytes) -> None:
-        if self.discarding:
-            self.discarded += len(data)
-            return
-        super().data_received(data)
+    async def send(self, message) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            text = (message.get("message") or "").strip()
+            self.failure = text.splitlines()[-1] if text else "the application reported lifespan.startup.failed"
+        await super().send(message)
 
-    def connection_lost(self, exc) -> None:
-        # The client's EOF (asyncio closes when eof_received returns None), LINGER, or an error.
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-        if self.discarded:
-            self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
-        self._unset_keepalive_if_required()
-        super().connection_lost(exc)
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_started and "send" not in vars(cycle):
-            self._wrap_send(cycle)
-
-    def _wrap_send(self, cycle) -> None:
-        # Installed before the request's task first runs, so the app receives this `send`.
-        send = cycle.send
-        cycle.transport = _CycleTransport(self, cycle)
-
-        async def send_closing_when_draining(message):
-            if message["type"] == "http.response.start" and (self.draining or self.discarding):
-                # h11 sees the header, answers with "Connection: close" and ends the connection.
-                cycle.keep_alive = False
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-        cycle.send = send_closing_when_draining
-
-    def on_response_complete(self) -> None:
-        if self.lingering:   # the response that ended the connection: nothing follows it
-            self.server_state.total_requests += 1
-            return
-        super().on_response_complete()
-
-    def send_400_response(self, msg: str) -> None:
-        # h11 rejected what the client sent. uvicorn answers 400 and closes, but h11 cannot send a
-        # second response while one is written (our_state SEND_BODY): uvicorn's attempt raises in
-        # data_received, asyncio drops the connection and the response in flight is cut after its
-        # headers. That is what a client pipelining after a draining "Connection: close" response
-        # gets (h11: "Got data when expecting EOF"). Here a complete request in flight is answered
-        # (with "Connection: close" if not started), the rest of the input is discarded and the
-        # connection closes after the response.
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and not cycle.more_body:
-            self._log("%s: %s while a response is written; it completes, then the connection closes",
-                      self._peer(), msg)
-            self.discarding = True
-            cycle.keep_alive = False
-            return
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True   # its request is broken: the app hears http.disconnect
-            cycle.message_event.set()
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            for event in (h11.Response(status_code=400, reason=b"Bad Request",
-                                       headers=[(b"content-type", b"text/plain; charset=utf-8"),
-                                                (b"connection", b"close")]),
-                          h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-        self.close_lingering("invalid request")
-
-    def shutdown(self) -> None:
-        # Nothing is cut here. A response not yet started goes out with "Connection: close" (see
-        # _wrap_send); one whose headers already promised keep-alive completes, and the request
-        # that follows on its connection is answered with "Connection: close"; a connection
-        # that stays idle through the grace is closed.
-        self.draining = True
-        self.loop.call_later(IDLE_GRACE, self._close_if_idle)
-
-    def response_in_flight(self) -> bool:
-        cycle = self.cycle
-        return (self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
-                or (cycle is not None and not cycle.response_complete))
-
-    def _unread(self) -> int:
-        """Bytes of a request that reached us but were not yet parsed: h11's buffer + the kernel's."""
-        try:
-            fd = self.transport.get_extra_info("socket").fileno()
-            kernel = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-        except (AttributeError, OSError):
-            kernel = 0
-        return len(self.conn.trailing_data[0]) + kernel
-
-    def _close_if_idle(self, waited: float = 0.0) -> None:
-        if self.transport.is_closing() or self.lingering:
-            return
-        # A request in flight is never cut (uvicorn's graceful timeout bounds it); a request that
-        # is still arriving, or whose bytes wait in a buffer, gets PARTIAL_GRACE to complete.
-        arriving = self.conn.their_state is not h11.IDLE or self._unread() > 0
-        if self.response_in_flight() or (arriving and waited < PARTIAL_GRACE):
-            self.loop.call_later(IDLE_GRACE, self._close_if_idle, waited + IDLE_GRACE)
-            return
-        self.close_lingering("idle" if not arriving else f"request incomplete after {waited:g}s")
-
-    def timeout_keep_alive_handler(self) -> None:
-        # uvicorn's handler sends h11.ConnectionClosed unconditionally: in the middle of a response
-        # that raises and leaves h11 in ERROR, so the response's next write fails and uvicorn
-        # closes the connection after its headers. Never mid-message; on_response_complete re-arms.
-        if self.transport.is_closing() or self.lingering or self.response_in_flight():
-            return
-        if self._unread() > 0:
-            return   # a request just reached us: data_received takes it from here
-        self.close_lingering("keep-alive timeout")
-
-    def close_lingering(self, reason: str) -> None:
-        """End the connection without RST: FIN, read and discard until the client's EOF (or
-        LINGER), then close. The drain and the keep-alive timer never call this while a response
-        is written (response_in_flight); uvicorn does when the application fails mid-response."""
-        if self.transport.is_closing() or self.lingering:
-            return
-        cycle = self.cycle
-        started, complete = (cycle.response_started, cycle.response_complete) if cycle else (False, False)
-        self._log("%s: closing (%s): our_state=%s their_state=%s cycle=%s response_started=%s "
-                  "response_complete=%s unread=%d", self._peer(), reason, self.conn.our_state.__name__,
-                  self.conn.their_state.__name__,
-                  "none" if cycle is None else "done" if complete else "in flight",
-                  started, complete, self._unread())
-        if self.conn.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE):
-            self.conn.send(h11.ConnectionClosed())
-        self.lingering = self.discarding = True
-        self._unset_keepalive_if_required()
-        self.flow.resume_reading()
-        self.transport.resume_reading()
-        try:
-            self.transport.write_eof()
-        except (OSError, NotImplementedError):   # the client is gone already, or no half-close
-            self.transport.close()
-            return
-        self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
-
-    def _peer(self) -> str:
-        return f"{self.client[0]}:{self.client[1]}" if self.client else "unix client"
-
-    def _log(self, fmt: str, *args) -> None:
-        log.log(logging.INFO if self.draining else logging.DEBUG, fmt, *args)
+    async def main(self) -> None:
+        await super().main()
+        raised = getattr(self, "error_occurred", getattr(self, "error_occured", False))
+        if raised and not self.failure and self.config.lifespan == "on":
+            self.failure = "the lifespan handler raised (see the traceback above)"
 
 
 class NotifyingServer(uvicorn.Server):
@@ -241,7 +95,7 @@ class NotifyingServer(uvicorn.Server):
                 self._ping(int(usec) / 2e6)
 
     async def shutdown(self, sockets=None) -> None:
-        DrainingH11Protocol.server_draining = True
+        Draining.server_draining = True
         await super().shutdown(sockets=sockets)
 
     def _ping(self, interval: float) -> None:
@@ -249,6 +103,40 @@ class NotifyingServer(uvicorn.Server):
         if not self.should_exit:
             self.notifier.send(watchdog=1)
             asyncio.get_running_loop().call_later(interval, self._ping, interval)
+
+
+def http_settings(environ=os.environ) -> HttpSection:
+    """[http] as the master passed it; the defaults when run without a master."""
+    raw = environ.get("CADENZA_HTTP")
+    if not raw:
+        return HttpSection()
+    values = json.loads(raw)
+    return HttpSection(**{key: tuple(value) if isinstance(value, list) else value
+                          for key, value in values.items()})
+
+
+def engine(settings: HttpSection) -> tuple[type, str]:
+    """The protocol class and the loop name: httptools and uvloop when installed (or asked for)."""
+    protocol = DrainingH11Protocol
+    if settings.protocol in ("auto", "httptools"):
+        try:
+            from .httptools_protocol import DrainingHttpToolsProtocol
+            protocol = DrainingHttpToolsProtocol
+        except ImportError as exc:
+            if settings.protocol == "httptools":
+                raise StartupFailed(f"[http] protocol = \"httptools\" but httptools cannot be imported "
+                                    f"({exc}); install it in the release's venv or set protocol = "
+                                    f"\"auto\"") from exc
+    loop = "asyncio"
+    if settings.loop in ("auto", "uvloop"):
+        try:
+            import uvloop  # noqa: F401
+            loop = "uvloop"
+        except ImportError as exc:
+            if settings.loop == "uvloop":
+                raise StartupFailed(f"[http] loop = \"uvloop\" but uvloop cannot be imported ({exc}); "
+                                    f"install it in the release's venv or set loop = \"auto\"") from exc
+    return protocol, loop
 
 
 def load_app(spec: str):
@@ -265,13 +153,6 @@ def is_asgi(app) -> bool:
     return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(app)
 
 
-def asgi_app(app):
-    if is_asgi(app):
-        return app
-    from a2wsgi import WSGIMiddleware
-    return WSGIMiddleware(app)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     worker_id = os.environ.get("CADENZA_WORKER_ID", "?")
@@ -281,38 +162,82 @@ def main(argv: list[str] | None = None) -> int:
     setproctitle.setproctitle(f"cadenza worker {worker_id} gen {generation} [{name}]")
     if len(argv) != 1:
         log.error("usage: python -m cadenza.worker.app MODULE:OBJECT")
-        return 64
+        return EXIT_USAGE
     notifier = Notifier.from_environ()
     try:
         sockets = [listener.sock for listener in adopt_from_env()]
     except ListenerError as exc:
         log.error("%s", exc)
-        return 64
+        return EXIT_USAGE
     if not sockets:
         log.error("no listening sockets: this program is started by cadenza with LISTEN_FDS set")
-        return 64
+        return EXIT_USAGE
     sys.path.insert(0, os.getcwd())
     try:
-        app = asgi_app(load_app(argv[0]))
-    except Exception as exc:  # noqa: BLE001 - any import-time error of the app is reported the same way
-        log.error("cannot load app %r from %s: %s: %s", argv[0], os.getcwd(), type(exc).__name__, exc)
-        notifier.send(status=f"cannot load app {argv[0]}: {type(exc).__name__}: {exc}")
+        settings = http_settings()
+        try:
+            app = load_app(argv[0])
+        except Exception as exc:  # noqa: BLE001 - any import-time error of the app is reported the same way
+            raise StartupFailed(f"cannot load app {argv[0]!r} from {os.getcwd()}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return serve(app, sockets, notifier, settings)
+    except StartupFailed as exc:
+        log.error("%s", exc)
+        notifier.send(status=str(exc))
         return EXIT_APP_ERROR
-    return serve(app, sockets, notifier)
 
 
-def serve(app, sockets: list[socket.socket], notifier: Notifier) -> int:
+def uvicorn_config(app, settings: HttpSection) -> uvicorn.Config:
+    protocol, loop = engine(settings)
+    asgi = is_asgi(app)
+    if not asgi:
+        from .wsgi import WSGIAdapter
+        app = WSGIAdapter(app, settings.wsgi_threads)
+    if settings.proxy_headers:
+        from .proxy import ProxyHeaders
+        app = ProxyHeaders(app, settings.forwarded_allow_ips)
     graceful = float(os.environ.get("CADENZA_GRACEFUL_TIMEOUT", "30"))
-    config = uvicorn.Config(app, http=DrainingH11Protocol, lifespan="off", log_config=None,
-                            access_log=False, timeout_graceful_shutdown=max(graceful - 0.5, 0.1),
-                            server_header=False)
+    config = uvicorn.Config(
+        app, http=protocol, loop=loop, interface="asgi3",
+        lifespan=settings.lifespan if asgi else "off",
+        timeout_keep_alive=settings.keepalive,
+        # uvicorn counts the connection of the request it checks: its limit N serves N - 1.
+        limit_concurrency=settings.limit_concurrency + 1 if settings.limit_concurrency else None,
+        root_path=settings.root_path,
+        proxy_headers=False,          # ProxyHeaders above, which also knows unix-socket peers
+        ssl_certfile=settings.certfile, ssl_keyfile=settings.keyfile,
+        access_log=settings.access_log, log_config=None,
+        timeout_graceful_shutdown=max(graceful - 0.5, 0.1), server_header=False)
+    try:
+        config.load()
+    except (OSError, ValueError) as exc:   # a certificate or key that cannot be read or used
+        key = f"keyfile {settings.keyfile}" if settings.keyfile else "its key (no keyfile: in the certfile)"
+        raise StartupFailed(f"[http] certfile {settings.certfile} or {key} cannot be used: {exc}; "
+                            "both must be readable PEM files, the key matching the certificate") from exc
+    if config.lifespan != "off":
+        config.lifespan_class = RecordingLifespan
+    log.info("serving %s with %s on %s%s", "ASGI" if asgi else f"WSGI ({settings.wsgi_threads} threads)",
+             "httptools" if protocol is not DrainingH11Protocol else "h11", loop,
+             ", TLS" if settings.certfile else "")
+    return config
+
+
+def serve(app, sockets: list[socket.socket], notifier: Notifier, settings: HttpSection | None = None) -> int:
+    config = uvicorn_config(app, settings or HttpSection())
     server = NotifyingServer(config, notifier)
     # Until uvicorn installs its own handlers (inside run()), a stop signal must not be lost;
     # afterwards uvicorn re-raises it once it has shut down, and this handler turns that into a
     # plain exit 0, so the master sees a clean exit rather than a death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    except SystemExit:
+        pass   # uvicorn's way out when the lifespan startup failed (or was unsupported with "on")
+    lifespan = getattr(server, "lifespan", None)
+    if not server.started and lifespan is not None and lifespan.should_exit:
+        failure = getattr(lifespan, "failure", "") or "the application reported it"
+        raise StartupFailed(f"the application's lifespan startup failed: {failure}")
     return 0
 
 

@@ -1,0 +1,206 @@
+"""What a draining connection owes its client, for both HTTP engines (h11 and httptools).
+
+Draining (SIGTERM/SIGQUIT/SIGINT): stop accepting, finish the requests in flight and answer
+them with `Connection: close`. An idle keep-alive connection is not cut at once: a client such
+as wrk writes its next request the moment a response arrives, and closing the connection under
+that request is exactly the error it would see. The idle connection is kept for a short grace,
+its next request is answered with `Connection: close`, and only a connection that stays idle
+through the grace is closed. A request whose bytes reached us (the parser's buffer or the
+kernel's) before that decision is answered; the decision is never taken while a response is
+written.
+
+Every close this worker decides lingers (DESIGN.md 4.2): FIN first, then whatever the client still
+sends is read and discarded until its EOF or LINGER, then close. A plain close() with unread
+bytes in the receive buffer makes the kernel answer with RST, and a client then sees ECONNRESET
+instead of the response or the clean EOF it can retry after.
+
+A client that half-closes (sends its request, then shuts down its write side) still gets its
+response: `eof_received` keeps the write side open while a request is answered, and the
+connection closes after that response.
+
+`Draining` is a mixin placed before uvicorn's protocol class. The engine-specific parts are
+`response_in_flight()`, `_arriving()` (a request partly received) and `_end_of_input()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import struct
+import termios
+
+log = logging.getLogger("cadenza.worker")
+
+IDLE_GRACE = 1.0     # seconds an idle keep-alive connection is kept open once draining starts
+PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once draining starts
+LINGER = 2.0         # seconds a closing connection reads and discards after its FIN, at most
+
+
+class ClosingTransport:
+    """The transport a request's cycle writes to: its close() lingers instead of cutting.
+
+    uvicorn's cycle closes the transport after a response with `Connection: close` (or
+    keep-alive off) and when the application failed after starting its response."""
+
+    def __init__(self, protocol: Draining, transport) -> None:
+        self._protocol, self._transport = protocol, transport
+        self.write = transport.write
+        self.writelines = transport.writelines
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        self._protocol.close_lingering("response sent" if cycle is None or cycle.response_complete
+                                       else "application ended its response early")
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._protocol.lingering
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+class Draining:
+    draining = False
+    lingering = False          # FIN sent: input is read and discarded until EOF or LINGER
+    discarding = False         # input is read and discarded (lingering, or after a protocol error)
+    peer_eof = False           # the client shut down its write side
+    discarded = 0
+    _linger_timer: asyncio.TimerHandle | None = None
+    # Set once the server starts its shutdown. asyncio may have accepted a connection whose
+    # connection_made() runs only after uvicorn told every known connection to shut down; such
+    # a late one must drain too, or it keeps serving until the graceful timeout cuts it.
+    server_draining = False
+
+    # ---- engine-specific ------------------------------------------------------------------
+
+    def response_in_flight(self) -> bool:
+        raise NotImplementedError
+
+    def _arriving(self) -> bool:
+        """A request has begun to arrive but is not complete."""
+        raise NotImplementedError
+
+    def _end_of_input(self) -> None:
+        """Tell the parser that no more input will be read."""
+
+    def _parser_buffered(self) -> int:
+        return 0
+
+    # ---- asyncio protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if Draining.server_draining:
+            self.shutdown()
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            self.discarded += len(data)
+            return
+        super().data_received(data)
+
+    def eof_received(self):
+        if self.lingering:
+            return None            # the EOF a lingering close waits for: close now
+        self.peer_eof = True
+        if self.response_in_flight():
+            # Half-closed after its request: answer it, then close (on_response_complete).
+            cycle = self.cycle
+            if cycle is not None:
+                cycle.keep_alive = False
+            return True
+        return None                # nothing owed: asyncio closes the transport
+
+    def connection_lost(self, exc) -> None:
+        # The client's EOF (asyncio closes when eof_received returns None), LINGER, or an error.
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        if self.discarded:
+            self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
+        self._unset_keepalive_if_required()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        if self.lingering:   # the response that ended the connection: nothing follows it
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
+        if self.peer_eof and not self.transport.is_closing():
+            self.close_lingering("client closed its side")
+
+    # ---- drain ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        # Nothing is cut here. A response not yet started goes out with "Connection: close"; one
+        # whose headers already promised keep-alive completes, and the request that follows on
+        # its connection is answered with "Connection: close"; a connection that stays idle
+        # through the grace is closed.
+        self.draining = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
+        self.loop.call_later(IDLE_GRACE, self._close_if_idle)
+
+    def _unread(self) -> int:
+        """Bytes of a request that reached us but were not yet parsed: the parser's + the kernel's."""
+        try:
+            fd = self.transport.get_extra_info("socket").fileno()
+            kernel = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (AttributeError, OSError, ValueError):
+            kernel = 0
+        return self._parser_buffered() + kernel
+
+    def _close_if_idle(self, waited: float = 0.0) -> None:
+        if self.transport.is_closing() or self.lingering:
+            return
+        # A request in flight is never cut (uvicorn's graceful timeout bounds it); a request that
+        # is still arriving, or whose bytes wait in a buffer, gets PARTIAL_GRACE to complete.
+        arriving = self._arriving() or self._unread() > 0
+        if self.response_in_flight() or (arriving and waited < PARTIAL_GRACE):
+            self.loop.call_later(IDLE_GRACE, self._close_if_idle, waited + IDLE_GRACE)
+            return
+        self.close_lingering("idle" if not arriving else f"request incomplete after {waited:g}s")
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn's h11 handler ends the connection unconditionally, in the middle of a response
+        # too. Never mid-message; on_response_complete re-arms.
+        if self.transport.is_closing() or self.lingering or self.response_in_flight():
+            return
+        if self._arriving() or self._unread() > 0:
+            return   # a request just reached us: data_received takes it from here
+        self.close_lingering("keep-alive timeout")
+
+    def close_lingering(self, reason: str) -> None:
+        """End the connection without RST: FIN, read and discard until the client's EOF (or
+        LINGER), then close. The drain and the keep-alive timer never call this while a response
+        is written (response_in_flight); uvicorn does when the application fails mid-response."""
+        if self.transport.is_closing() or self.lingering:
+            return
+        cycle = self.cycle
+        if self.draining or log.isEnabledFor(logging.DEBUG):
+            started, complete = (cycle.response_started, cycle.response_complete) if cycle else (False, False)
+            self._log("%s: closing (%s): cycle=%s response_started=%s response_complete=%s unread=%d",
+                      self._peer(), reason, "none" if cycle is None else "done" if complete else "in flight",
+                      started, complete, self._unread())
+        self._end_of_input()
+        self.lingering = self.discarding = True
+        self._unset_keepalive_if_required()
+        if self.peer_eof:     # the client's EOF came already: nothing left to wait for
+            self.transport.close()
+            return
+        self.flow.resume_reading()
+        self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except (OSError, NotImplementedError, RuntimeError):   # gone already, or no half-close (TLS)
+            self.transport.close()
+            return
+        self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unix client"
+
+    def _log(self, fmt: str, *args) -> None:
+        log.log(logging.INFO if self.draining else logging.DEBUG, fmt, *args)
+
