@@ -324,3 +324,15 @@ def test_a_client_that_half_closes_after_its_request_gets_the_response(worker):
         reply = Reply(s)
         assert reply.kind == "ok" and reply.status == 200, reply
         assert clean_eof(s)
+
+
+def test_a_client_that_asks_for_the_close_is_closed_at_once_without_reset(worker):
+    """`Connection: close` from the client: it sends nothing after its request, so the worker
+    closes at once (no linger), and the client sees the whole response, then a clean EOF."""
+    w = worker()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            reply = Reply(s)
+            assert reply.kind == "ok" and reply.status == 200 and reply.closes, reply
+            assert clean_eof(s)

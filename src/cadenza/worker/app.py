@@ -28,25 +28,7 @@ import uvicorn
 from uvicorn.lifespan.on import LifespanOn
 
 from .. import logs
-try:
-    from ..config import HttpSection
-except ImportError:  # TEMPORARY
-    from dataclasses import dataclass as _dc
-
-    @_dc(frozen=True)
-    class HttpSection:
-        protocol: str = "auto"
-        loop: str = "auto"
-        lifespan: str = "auto"
-        keepalive: float = 5
-        access_log: bool = False
-        proxy_headers: bool = True
-        forwarded_allow_ips: tuple = ("127.0.0.1",)
-        root_path: str = ""
-        limit_concurrency: int = 0
-        certfile: str | None = None
-        keyfile: str | None = None
-        wsgi_threads: int = 10
+from ..config import HttpSection
 from ..exitcodes import WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier

@@ -37,16 +37,54 @@ PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once dra
 LINGER = 2.0         # seconds a closing connection reads and discards after its FIN, at most
 
 
-class ClosingTransport:
-    """The transport a request's cycle writes to: its close() lingers instead of cutting.
+CORK_LIMIT = 64 * 1024  # bytes a connection's writes are gathered into one, at most
 
-    uvicorn's cycle closes the transport after a response with `Connection: close` (or
-    keep-alive off) and when the application failed after starting its response."""
+
+class ClosingTransport:
+    """The transport a request's cycle writes to. Its close() lingers instead of cutting, and it
+    gathers a response's writes into one.
+
+    uvicorn writes a response's head and each body message separately, and uvloop sends each
+    write at once: two send() calls and two TCP segments for the smallest response, each read
+    separately by the client. Here writes are gathered until the response completes, the
+    connection closes, CORK_LIMIT bytes are waiting, or the event loop's current round ends
+    (call_soon), whichever comes first; so a streamed response is not delayed, and uvicorn's flow
+    control still sees every byte beyond CORK_LIMIT. Every write of the connection goes through
+    here (or after flush()), so nothing overtakes a gathered response."""
 
     def __init__(self, protocol: Draining, transport) -> None:
         self._protocol, self._transport = protocol, transport
-        self.write = transport.write
-        self.writelines = transport.writelines
+        self._loop = protocol.loop
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= CORK_LIMIT:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
 
     def close(self) -> None:
         cycle = self._protocol.cycle
@@ -55,6 +93,9 @@ class ClosingTransport:
 
     def is_closing(self) -> bool:
         return self._transport.is_closing() or self._protocol.lingering
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._transport.get_write_buffer_size()
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
@@ -87,10 +128,16 @@ class Draining:
     def _parser_buffered(self) -> int:
         return 0
 
+    def _client_closes(self) -> bool:
+        """The client's last request said `Connection: close` (or was HTTP/1.0 without
+        keep-alive): it sends nothing after it (RFC 9112 9.6)."""
+        return False
+
     # ---- asyncio protocol -----------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._closing_transport = ClosingTransport(self, transport)
         if Draining.server_draining:
             self.shutdown()
 
@@ -99,6 +146,10 @@ class Draining:
             self.discarded += len(data)
             return
         super().data_received(data)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._closing_transport.flush()   # a response gathered before the upgrade goes first
+        super().handle_websocket_upgrade()
 
     def eof_received(self):
         if self.lingering:
@@ -122,6 +173,7 @@ class Draining:
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
+        self._closing_transport.flush()
         if self.lingering:   # the response that ended the connection: nothing follows it
             self.server_state.total_requests += 1
             return
@@ -177,6 +229,7 @@ class Draining:
         is written (response_in_flight); uvicorn does when the application fails mid-response."""
         if self.transport.is_closing() or self.lingering:
             return
+        self._closing_transport.flush()
         cycle = self.cycle
         if self.draining or log.isEnabledFor(logging.DEBUG):
             started, complete = (cycle.response_started, cycle.response_complete) if cycle else (False, False)
@@ -186,7 +239,10 @@ class Draining:
         self._end_of_input()
         self.lingering = self.discarding = True
         self._unset_keepalive_if_required()
-        if self.peer_eof:     # the client's EOF came already: nothing left to wait for
+        if self.peer_eof or (self._client_closes() and not self._arriving()):
+            # The client's EOF came already, or it asked for the close (and so sends nothing
+            # after its request, RFC 9112 9.6): a plain close() sends FIN, and no later byte of
+            # the client's can meet it.
             self.transport.close()
             return
         self.flow.resume_reading()

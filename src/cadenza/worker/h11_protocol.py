@@ -5,7 +5,7 @@ from __future__ import annotations
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .drain import ClosingTransport, Draining
+from .drain import Draining
 
 
 class DrainingH11Protocol(Draining, H11Protocol):
@@ -21,13 +21,18 @@ class DrainingH11Protocol(Draining, H11Protocol):
     def _parser_buffered(self) -> int:
         return len(self.conn.trailing_data[0])
 
+    def _client_closes(self) -> bool:
+        cycle = self.cycle
+        if cycle is None:
+            return False
+        tokens = b",".join(value.lower() for name, value in cycle.scope["headers"] if name == b"connection")
+        if b"close" in tokens:
+            return True
+        return cycle.scope["http_version"] == "1.0" and b"keep-alive" not in tokens
+
     def _end_of_input(self) -> None:
         if self.conn.our_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE):
             self.conn.send(h11.ConnectionClosed())
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._closing_transport = ClosingTransport(self, transport)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -67,6 +72,7 @@ class DrainingH11Protocol(Draining, H11Protocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True   # its request is broken: the app hears http.disconnect
             cycle.message_event.set()
+        self._closing_transport.flush()
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             for event in (h11.Response(status_code=400, reason=b"Bad Request",
                                        headers=[(b"content-type", b"text/plain; charset=utf-8"),
