@@ -1,12 +1,16 @@
-"""Shared pieces of the benchmarks: paths, the app, procfs readings, wrk, a slow client, stats.
+"""Shared pieces of the benchmarks: paths, the app, procfs readings, wrk, a slow client, stats,
+the machine a run measured.
 
 Nothing here is hard-coded to a checkout: the project venv is the one running the benchmark
 (sys.executable), and the harness modules (sdns, deploy, procs) come from tests/.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import os
+import platform
 import re
 import socket
 import statistics
@@ -18,6 +22,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 TESTS = BENCH.parent
+REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 import deploy  # noqa: E402  (tests/deploy.py: AppRoot)
@@ -247,6 +252,51 @@ def run_wrk(port: int, seconds: float, **kw) -> dict:
 def dump_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---- the machine -------------------------------------------------------------------------
+
+def _out(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _diff_id() -> str:
+    """A short fingerprint of the uncommitted changes in src/, to tell two dirty states apart."""
+    diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--", "src"], capture_output=True).stdout
+    return hashlib.sha256(diff).hexdigest()[:8]
+
+
+def cadenza_commit() -> str:
+    """The commit of src/, and a fingerprint of its uncommitted changes if there are any."""
+    dirty = _out("git", "-C", str(REPO), "status", "--porcelain", "--", "src")
+    return (_out("git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "src")
+            + (f" + uncommitted changes in src/ (diff {_diff_id()})" if dirty else ""))
+
+
+def _version(module: str) -> str:
+    return _out(PYTHON, "-c", f"import {module}; print({module}.__version__)") or "not installed"
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), platform.processor())
+    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    return {
+        "nproc": os.cpu_count(), "cpu": model, "mem_gb": round(int(mem) / 2**20, 1),
+        "kernel": platform.release(), "systemd": _out("systemctl", "--version").split("\n")[0],
+        "python": platform.python_version(), "wrk": _out("wrk", "-v").split("\n")[0],
+        "gunicorn": _out(str(VENV_BIN / "gunicorn"), "--version"),
+        "uvicorn": _version("uvicorn"), "granian": _version("granian"),
+        "httptools": _version("httptools"), "uvloop": _version("uvloop"),
+        "cadenza_commit": cadenza_commit(),
+        "head": _out("git", "-C", str(REPO), "rev-parse", "--short", "HEAD"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
 
 
 def free_port() -> int:

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +33,7 @@ import reload_load  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
 
-REPO = common.TESTS.parent
+REPO = common.REPO
 NAMES = ("reload", "overhead", "throughput", "footprint", "scale")
 PARAMS = {
     "full": {"reload": {"duration": 60, "interval": 3, "reloads": 20, "slow": 0.5},
@@ -55,39 +51,6 @@ PARAMS = {
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def _out(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def _diff_id() -> str:
-    """A short fingerprint of the uncommitted changes in src/, to tell two dirty states apart."""
-    diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--", "src"], capture_output=True).stdout
-    return hashlib.sha256(diff).hexdigest()[:8]
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith("model name")), platform.processor())
-    mem = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
-    dirty = _out("git", "-C", str(REPO), "status", "--porcelain", "--", "src")
-    return {
-        "nproc": os.cpu_count(), "cpu": model, "mem_gb": round(int(mem) / 2**20, 1),
-        "kernel": platform.release(), "systemd": _out("systemctl", "--version").split("\n")[0],
-        "python": platform.python_version(), "wrk": _out("wrk", "-v").split("\n")[0],
-        "gunicorn": _out(str(common.VENV_BIN / "gunicorn"), "--version"),
-        "uvicorn": _out(common.PYTHON, "-c", "import uvicorn; print(uvicorn.__version__)"),
-        "cadenza_commit": _out("git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "src")
-                          + (f" + uncommitted changes in src/ (diff {_diff_id()})" if dirty else ""),
-        "head": _out("git", "-C", str(REPO), "rev-parse", "--short", "HEAD"),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
 
 
 def preflight() -> None:
@@ -118,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     res: dict = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "sudo .venv/bin/python tests/bench/run.py" + (" --quick" if args.quick else ""),
-                 "machine": machine(), "params": {k: params[k] for k in only}}
+                 "machine": common.machine(), "params": {k: params[k] for k in only}}
     log(f"cadenza benchmarks ({mode}) on {res['machine']['nproc']} x {res['machine']['cpu']}")
     if "reload" in only:
         p = params["reload"]
@@ -148,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"5. scale {p['counts']} x {p['reps']}")
         res["scale"] = overhead.scale(p["counts"], p["reps"], log=log)
     res["run_seconds"] = round(time.monotonic() - started, 1)
-    end = machine()["cadenza_commit"]
+    end = common.cadenza_commit()
     if end != res["machine"]["cadenza_commit"]:
         res["machine"]["cadenza_commit"] += f" at the start, {end} at the end (src/ changed during the run)"
         log("WARNING: src/ changed during the run: the figures mix two versions of cadenza")
