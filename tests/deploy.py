@@ -83,7 +83,8 @@ class AppRoot:
         rel = self.path(tag)
         rel.mkdir(parents=True)
         (rel / "app.py").write_text(APP.format(body=app_body, tag=tag))
-        values = {**self.workers, "app": "app:app", **workers}
+        # workers.command replaces the built-in worker's app: a config may not name both.
+        values = {**self.workers, **({} if "command" in workers else {"app": "app:app"}), **workers}
         # json.dumps renders str, numbers and lists of str as valid TOML values.
         lines = ["[app]", f"name = {json.dumps(self.name)}", f"root = {json.dumps(str(self.root))}",
                  "[workers]", *(f"{k} = {json.dumps(v)}" for k, v in values.items()),

@@ -142,6 +142,11 @@ class Master:
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            for worker in children(self.pid):   # each leads a process group of its own
+                try:
+                    os.killpg(worker, signal.SIGKILL)
+                except OSError:   # gone, or a fork that is no group's leader (yet)
+                    pass
             os.killpg(self.pid, signal.SIGKILL)
             self.proc.wait()
         self.inbox.shutdown(socket.SHUT_RDWR) if False else None

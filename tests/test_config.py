@@ -1,4 +1,7 @@
+import dataclasses
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -242,8 +245,8 @@ def test_section_that_is_not_a_table(tmp_path):
 
 
 def test_nested_table_is_an_unknown_key(tmp_path):
-    problem = only_problem(tmp_path, "[workers.env]\nA = 1\n")
-    assert ": workers.env: unknown key" in problem
+    problem = only_problem(tmp_path, "[workers.envs]\nA = \"1\"\n")
+    assert ": workers.envs: unknown key" in problem and "did you mean env?" in problem
 
 
 # --- wrong types, one per section ---------------------------------------------------------
@@ -355,10 +358,12 @@ def test_empty_address_list(tmp_path):
 @pytest.mark.parametrize("address, reason", [
     ("127.0.0.1", "needs a port"),
     ("127.0.0.1:99999", "port must be a number from 0 to 65535"),
-    ("localhost:80", "is not a numeric IP address"),
+    ("local_host:80", "is neither a numeric IP address nor a host name"),
+    ("999.1.1.1:80", "is neither a numeric IP address nor a host name"),
+    ("-x.example:80", "is neither a numeric IP address nor a host name"),
     ("::1:80:x", "port must be a number"),
     ("[::1:80", "IPv6 address must look like [::1]:8000"),
-    ("[::g]:80", "is not a numeric IP address"),
+    ("[::g]:80", "is neither a numeric IP address nor a host name"),
     ("unix:run/x.sock", "unix socket path must be absolute"),
     ("unix:/run/x.sock;mode=0999", "unix socket mode must be octal"),
     ("unix:/run/x.sock;mode=01777", "between 0000 and 0777"),
@@ -410,7 +415,7 @@ def test_good_app_spec(tmp_path, spec):
     assert config.load(write(tmp_path, f'[workers]\napp = "{spec}"\n')).workers.app == spec
 
 
-@pytest.mark.parametrize("spec", ["demo", "demo:", ":app", "demo:app()", "1demo:app", "demo..x:app",
+@pytest.mark.parametrize("spec", ["demo:", ":app", "demo:app()", "1demo:app", "demo..x:app", "1demo",
                                   "demo:app:x", "my-app:app", "import:app", ""])
 def test_bad_app_spec(tmp_path, spec):
     problem = only_problem(tmp_path, f'[workers]\napp = "{spec}"\n')
@@ -534,9 +539,13 @@ def test_override_keeps_source_and_other_sections(tmp_path):
 @pytest.mark.parametrize("kwargs, start", [
     ({"workers": 0}, "--workers: expected an integer from 1 to 1024, got 0"),
     ({"workers": True}, "--workers: expected an integer from 1 to 1024, got true"),
-    ({"binds": ["localhost:80"]}, '--bind "localhost:80": '),
+    ({"binds": ["local_host:80"]}, '--bind "local_host:80": '),
+    ({"binds": ["localhost:80", "LocalHost.:80"]}, '--bind "LocalHost.:80": duplicates --bind "localhost:80"'),
     ({"binds": [":80", "0.0.0.0:80"]}, '--bind "0.0.0.0:80": duplicates --bind ":80"'),
-    ({"app": "nocolon"}, '--app: expected "module:object"'),
+    ({"app": "no-colon"}, '--app: expected "module:object"'),
+    ({"name": "a b"}, "--name: expected a name of 1 to 64 letters"),
+    ({"control_socket": "ctl.sock"}, '--control-socket: expected an absolute path such as /srv/demo, got "ctl.sock"'),
+    ({"control_socket": "/" + "x" * 120}, "--control-socket: a unix socket path can be at most 107 bytes"),
     ({"app": "a:b", "command": ["x"]}, "--app: pass either --app or a command after --, not both"),
     ({"command": [""]}, "command after --: expected a non-empty list of non-empty strings"),
 ])
@@ -549,7 +558,7 @@ def test_override_validation(tmp_path, kwargs, start):
 
 def test_override_reports_every_bad_flag(tmp_path):
     with pytest.raises(ConfigError) as info:
-        config.override(base(tmp_path), binds=["x"], workers=-1, app="x")
+        config.override(base(tmp_path), binds=["x"], workers=-1, app="1x")
     assert [p.split(":")[0] for p in info.value.problems] == ['--bind "x"', "--workers", "--app"]
 
 
@@ -600,3 +609,273 @@ def test_load_does_not_check_safety(tmp_path):
     path = write(tmp_path, "")
     path.chmod(0o666)
     assert config.load(path).source == path
+
+
+# --- [http] -------------------------------------------------------------------------------
+
+HTTP_KEYS = ["protocol", "loop", "lifespan", "keepalive", "access_log", "proxy_headers", "forwarded_allow_ips",
+             "root_path", "limit_concurrency", "certfile", "keyfile", "wsgi_threads"]
+
+
+def http_of(text: str) -> dict:
+    return json.loads(config.http_environment(config.parse(text, "t.toml"))["CADENZA_HTTP"])
+
+
+def test_http_defaults_are_those_documented():
+    assert config.defaults().http is None
+    assert http_of('[workers]\napp = "demo:app"\n') == {
+        "protocol": "auto", "loop": "auto", "lifespan": "auto", "keepalive": 5, "access_log": False,
+        "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"], "root_path": "", "limit_concurrency": 0,
+        "certfile": None, "keyfile": None, "wsgi_threads": 10}
+    assert [f.name for f in dataclasses.fields(config.HttpSection)] == HTTP_KEYS
+
+
+def test_every_http_key_set():
+    text = ('[workers]\napp = "demo:app"\n[http]\nprotocol = "h11"\nloop = "asyncio"\nlifespan = "off"\n'
+            'keepalive = 0.5\naccess_log = true\nproxy_headers = false\n'
+            'forwarded_allow_ips = ["10.0.0.0/8", "::1", "unix"]\nroot_path = "/api/v1"\n'
+            'limit_concurrency = 100\ncertfile = "/etc/ssl/demo.pem"\nkeyfile = "/etc/ssl/demo.key"\n'
+            'wsgi_threads = 1024\n')
+    cfg = config.parse(text, "t.toml")
+    assert cfg.http == config.HttpSection("h11", "asyncio", "off", 0.5, True, False, ("10.0.0.0/8", "::1", "unix"),
+                                          "/api/v1", 100, "/etc/ssl/demo.pem", "/etc/ssl/demo.key", 1024)
+    env = config.http_environment(cfg)
+    assert list(env) == ["CADENZA_HTTP"]
+    values = json.loads(env["CADENZA_HTTP"])
+    assert list(values) == HTTP_KEYS
+    assert values["forwarded_allow_ips"] == ["10.0.0.0/8", "::1", "unix"]
+    assert values["certfile"] == "/etc/ssl/demo.pem" and values["keepalive"] == 0.5
+    # What the worker rebuilds from it is what the master validated.
+    rebuilt = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    assert config.HttpSection(**rebuilt) == cfg.http
+
+
+@pytest.mark.parametrize("body", ['', '[http]\n'])
+def test_http_goes_to_the_builtin_worker_only(body):
+    builtin = config.parse('[workers]\napp = "demo:app"\n' + body, "t.toml")
+    assert "CADENZA_HTTP" in config.worker_environment(builtin)
+    command = config.parse('[workers]\ncommand = ["uvicorn", "x:app"]\n', "t.toml")
+    assert config.http_environment(command) == {} and config.worker_environment(command) == {}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[http]\nforwarded_allow_ips = []\n", ()),
+    ('[http]\nforwarded_allow_ips = ["*"]\n', ("*",)),
+    ('[http]\nforwarded_allow_ips = ["unix", "127.0.0.1", "fd00::/8"]\n', ("unix", "127.0.0.1", "fd00::/8")),
+])
+def test_good_forwarded_allow_ips(text, expected):
+    assert config.parse(text, "t.toml").http.forwarded_allow_ips == expected
+
+
+@pytest.mark.parametrize("value", ['""', '"/api"', '"/a/b.c-d_e"'])
+def test_good_root_path(value):
+    assert config.parse(f"[http]\nroot_path = {value}\n", "t.toml").http.root_path == json.loads(value)
+
+
+def test_certfile_alone_is_a_pem_with_its_key():
+    assert config.parse('[http]\ncertfile = "/etc/ssl/both.pem"\n', "t.toml").http.keyfile is None
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ('protocol = "httptool"', "http.protocol",
+     'expected one of "auto", "httptools", "h11", got "httptool" (did you mean "httptools"?)'),
+    ("protocol = 1", "http.protocol", 'expected one of "auto", "httptools", "h11", got 1'),
+    ('loop = "uv"', "http.loop", 'expected one of "auto", "uvloop", "asyncio", got "uv"'),
+    ("lifespan = true", "http.lifespan", 'expected one of "auto", "on", "off", got true'),
+    ("keepalive = 0", "http.keepalive", "expected a number of seconds greater than 0 and at most 86400, got 0"),
+    ("keepalive = -1", "http.keepalive", "expected a number of seconds greater than 0"),
+    ('keepalive = "5"', "http.keepalive", 'got "5"'),
+    ('access_log = "yes"', "http.access_log", 'expected true or false, got "yes"'),
+    ("proxy_headers = 1", "http.proxy_headers", "expected true or false, got 1"),
+    ('forwarded_allow_ips = "127.0.0.1"', "http.forwarded_allow_ips",
+     'expected a list of IP addresses or networks such as ["127.0.0.1", "10.0.0.0/8"], or ["*"] for any, '
+     'or ["unix"] for unix-socket listeners, got "127.0.0.1"'),
+    ('forwarded_allow_ips = ["10.0.0.1/8"]', "http.forwarded_allow_ips[0]",
+     '"10.0.0.1/8" has host bits set; the network is "10.0.0.0/8"'),
+    ('forwarded_allow_ips = ["127.0.0.1", "proxy"]', "http.forwarded_allow_ips[1]",
+     '"proxy" is not an IP address or network'),
+    ("forwarded_allow_ips = [1]", "http.forwarded_allow_ips[0]", "expected an IP address or network as a string"),
+    ('forwarded_allow_ips = ["*", "10.0.0.0/8"]', "http.forwarded_allow_ips",
+     '"*" trusts every peer already; list it alone'),
+    ('root_path = "/"', "http.root_path", 'expected "" or a path such as "/api": starting with "/", without a '
+                                          'trailing "/", spaces, ? or #, got "/"'),
+    ('root_path = "api"', "http.root_path", 'got "api"'),
+    ('root_path = "/api/"', "http.root_path", 'got "/api/"'),
+    ('root_path = "/a b"', "http.root_path", 'got "/a b"'),
+    ('root_path = "/a//b"', "http.root_path", 'got "/a//b"'),
+    ("root_path = 1", "http.root_path", "got 1"),
+    ("limit_concurrency = -1", "http.limit_concurrency", "expected an integer from 0 to 1000000, got -1"),
+    ("limit_concurrency = 1.5", "http.limit_concurrency", "got 1.5"),
+    ("limit_concurrency = 1000001", "http.limit_concurrency", "got 1000001"),
+    ('certfile = "cert.pem"', "http.certfile", 'expected an absolute path such as "/etc/ssl/private/demo.pem", '
+                                               'got "cert.pem"'),
+    ('certfile = "/c.pem"\nkeyfile = 5', "http.keyfile", "expected an absolute path"),
+    ('keyfile = "/etc/ssl/demo.key"', "http.keyfile", "a key needs its certificate: set http.certfile too"),
+    ("wsgi_threads = 0", "http.wsgi_threads", "expected an integer from 1 to 1024, got 0"),
+    ("wsgi_threads = 1025", "http.wsgi_threads", "got 1025"),
+    ('wsgi_threads = "10"', "http.wsgi_threads", 'got "10"'),
+    ("keep_alive = 5", "http.keep_alive", "unknown key; the keys of [http] are protocol, loop, lifespan, "
+                                          "keepalive, access_log, proxy_headers, forwarded_allow_ips, root_path, "
+                                          "limit_concurrency, certfile, keyfile, wsgi_threads (did you mean keepalive?)"),
+])
+def test_bad_http_value(tmp_path, text, key, expected):
+    problem = only_problem(tmp_path, f"[http]\n{text}\n")
+    assert f": {key}: " in problem and expected in problem, problem
+
+
+def test_http_with_a_command_worker_is_refused(tmp_path):
+    problem = only_problem(tmp_path, '[workers]\ncommand = ["uvicorn", "x:app"]\n[http]\nkeepalive = 2\n')
+    assert problem.endswith(": http: [http] configures the built-in worker (workers.app) only; workers.command "
+                            "runs a server of its own, which these settings never reach: remove [http] or set "
+                            "them in that command")
+
+
+def test_http_with_a_command_after_dashes_is_refused(tmp_path):
+    cfg = config.load(write(tmp_path, '[workers]\napp = "demo:app"\n[http]\nkeepalive = 2\n'))
+    with pytest.raises(ConfigError) as info:
+        config.override(cfg, command=["uvicorn", "x:app"])
+    assert info.value.problems == [f"command after --: {tmp_path / 'cadenza.toml'}: [http] configures the "
+                                   "built-in worker only, and a command runs a server of its own: remove [http] "
+                                   "there, or serve the app with --app"]
+    assert config.override(config.defaults(), command=["uvicorn"]).workers.command == ("uvicorn",)
+
+
+def test_http_that_is_not_a_table(tmp_path):
+    problem = only_problem(tmp_path, "http = 1\n")
+    assert ": http: expected a table [http] holding its keys, got 1" in problem
+
+
+# --- [workers.env] ------------------------------------------------------------------------
+
+def test_workers_env(tmp_path):
+    cfg = config.load(write(tmp_path, '[workers]\ncommand = ["x"]\n[workers.env]\n'
+                                      'DJANGO_SETTINGS_MODULE = "demo.settings"\nEMPTY = ""\n_a1 = "x=y z"\n'
+                                      'PATH = "/opt/demo/bin:/usr/bin"\n'))
+    assert cfg.workers.env == (("DJANGO_SETTINGS_MODULE", "demo.settings"), ("EMPTY", ""), ("_a1", "x=y z"),
+                               ("PATH", "/opt/demo/bin:/usr/bin"))
+    assert config.worker_environment(cfg) == dict(cfg.workers.env)   # a command worker: no CADENZA_HTTP
+
+
+def test_workers_env_inline_and_with_http():
+    cfg = config.parse('[workers]\napp = "demo:app"\nenv = { A = "1" }\n', "t.toml")
+    env = config.worker_environment(cfg)
+    assert env["A"] == "1" and set(env) == {"A", "CADENZA_HTTP"}
+    assert config.defaults().workers.env == ()
+
+
+@pytest.mark.parametrize("line, key, expected", [
+    ('"1ABC" = "x"', 'workers.env."1ABC"', "expected an environment variable name: letters, digits and _, "
+                                           "not starting with a digit"),
+    ('"A-B" = "x"', 'workers.env."A-B"', "expected an environment variable name"),
+    ('"A B" = "x"', 'workers.env."A B"', "expected an environment variable name"),
+    ('"" = "x"', 'workers.env.""', "expected an environment variable name"),
+    ('CADENZA_HTTP = "{}"', "workers.env.CADENZA_HTTP",
+     "CADENZA_HTTP is reserved: cadenza sets CADENZA_*, LISTEN_*, NOTIFY_SOCKET and WATCHDOG_* for each worker "
+     "itself; choose another name"),
+    ('LISTEN_FDS = "3"', "workers.env.LISTEN_FDS", "LISTEN_FDS is reserved"),
+    ('NOTIFY_SOCKET = "/x"', "workers.env.NOTIFY_SOCKET", "NOTIFY_SOCKET is reserved"),
+    ('WATCHDOG_USEC = "1"', "workers.env.WATCHDOG_USEC", "WATCHDOG_USEC is reserved"),
+    ("WORKERS = 4", "workers.env.WORKERS", 'expected a string (an environment value is text: quote numbers and '
+                                           'booleans, such as "4"), got 4'),
+    ("DEBUG = true", "workers.env.DEBUG", "got true"),
+    ('LIST = ["a"]', "workers.env.LIST", 'got ["a"]'),
+    ('NUL = "a\\u0000b"', "workers.env.NUL", "contains a NUL character, which no environment value can hold"),
+])
+def test_bad_workers_env(tmp_path, line, key, expected):
+    problem = only_problem(tmp_path, f"[workers.env]\n{line}\n")
+    assert f": {key}: " in problem and expected in problem, problem
+
+
+def test_workers_env_nested_table_and_not_a_table(tmp_path):
+    problem = only_problem(tmp_path, '[workers.env.X]\nY = "1"\n')
+    assert ": workers.env.X: expected a string" in problem and "got a table" in problem
+    problem = only_problem(tmp_path, '[workers]\nenv = "A=1"\n')
+    assert ': workers.env: expected a table of NAME = "value"' in problem and 'got "A=1"' in problem
+
+
+def test_workers_env_reports_every_problem(tmp_path):
+    problems = problems_of(tmp_path, '[workers.env]\nOK = "1"\n"9" = "x"\nLISTEN_PID = "1"\nN = 1\n')
+    assert [p.split(": ")[1] for p in problems] == ['workers.env."9"', "workers.env.LISTEN_PID", "workers.env.N"]
+
+
+# --- command-line papercuts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, full", [("demo", "demo:application"), ("demo.wsgi", "demo.wsgi:application"),
+                                        ("demo:app", "demo:app")])
+def test_app_without_object_means_application(tmp_path, spec, full):
+    assert config.load(write(tmp_path, f'[workers]\napp = "{spec}"\n')).workers.app == full
+    assert config.override(config.defaults(), app=spec).workers.app == full
+
+
+def test_name_and_control_socket_flags(tmp_path):
+    cfg = config.override(base(tmp_path), name="other")
+    assert cfg.app.name == "other" and cfg.control_socket == Path("/run/demo/control.sock")   # FULL sets it
+    cfg = config.override(config.defaults(), name="other")
+    assert cfg.control_socket == Path("/run/cadenza/other/control.sock")
+    cfg = config.override(base(tmp_path), control_socket="/tmp/x/c.sock")
+    assert cfg.control.socket == Path("/tmp/x/c.sock") and config.run_control_socket(cfg) == Path("/tmp/x/c.sock")
+
+
+def test_run_flags_reach_the_config(tmp_path, monkeypatch):
+    from cadenza.cli import parse_run_argv
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CADENZA_CONFIG", raising=False)
+    args, command = parse_run_argv(["run", "--name", "two", "--control-socket", "/tmp/two.sock", "--app", "mod",
+                                    "--bind", "localhost:8001", "--workers", "3"])
+    cfg = config.from_run_args(args, command)
+    assert (cfg.app.name, cfg.control.socket, cfg.workers.app, cfg.workers.count, cfg.listen.addresses) == (
+        "two", Path("/tmp/two.sock"), "mod:application", 3, ("localhost:8001",))
+    assert config.listen_origins(cfg) == ['--bind "localhost:8001"']
+
+
+def test_listen_origins_name_the_key_or_the_default(tmp_path):
+    cfg = config.load(write(tmp_path, '[listen]\naddresses = ["127.0.0.1:1", "localhost:2"]\n'))
+    assert config.listen_origins(cfg) == [f"{cfg.source}: listen.addresses[0]", f"{cfg.source}: listen.addresses[1]"]
+    assert config.listen_origins(config.defaults()) == ["the default address (--bind ADDR picks another)"]
+
+
+def as_nobody(tmp_path, probe, env: dict | None = None) -> str:
+    """probe() in a forked child that became nobody, with `env` in its environment."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+            os.environ.update(env or {})
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, str(probe()).encode())
+        except BaseException as exc:  # noqa: BLE001 - the parent shows it
+            os.write(w, f"child failed: {exc!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_control_socket_of_a_user_that_cannot_write_run(tmp_path):
+    name = f"t{os.getpid()}"
+    cfg = config.override(config.defaults(), name=name)
+    assert config.run_control_socket(cfg) == Path(f"/run/cadenza/{name}/control.sock")   # root
+    with tempfile.TemporaryDirectory(prefix="cadenza-test-xdg-", dir="/tmp") as xdg:   # nobody reaches it
+        os.chown(xdg, 65534, 65534)
+        user_runtime_paths(tmp_path, cfg, Path(xdg))
+
+
+def user_runtime_paths(tmp_path: Path, cfg: config.Config, xdg: Path) -> None:
+    name = cfg.app.name
+    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
+        f"{xdg}/cadenza/{name}/control.sock"
+    # Without it, or with one that is not this user's: /tmp/cadenza-UID (bind_socket makes it 0700).
+    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg)) == f"/tmp/cadenza-65534/cadenza/{name}/control.sock"
+    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg), {"XDG_RUNTIME_DIR": "/tmp"}) == \
+        f"/tmp/cadenza-65534/cadenza/{name}/control.sock"
+    explicit = config.override(cfg, control_socket="/srv/x/c.sock")
+    assert as_nobody(tmp_path, lambda: config.run_control_socket(explicit)) == "/srv/x/c.sock"
+    # A client run as that user looks where such a master would be.
+    assert as_nobody(tmp_path, lambda: config.find_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
+        f"{xdg}/cadenza/{name}/control.sock"

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from cadenza.listeners import ListenerError, adopt_from_env, bind, parse_address
+from cadenza import listeners as L
+from cadenza.listeners import ListenerError, adopt_from_env, bind, bind_all, parse_address
 
 
 @pytest.mark.parametrize("text, family, host, port, path, mode", [
@@ -25,7 +26,8 @@ def test_parse_address(text, family, host, port, path, mode):
 
 
 @pytest.mark.parametrize("text, reason", [
-    ("localhost:80", "not a numeric IP address"),
+    ("local_host:80", "neither a numeric IP address nor a host name"),
+    ("300.1.1.1:80", "neither a numeric IP address nor a host name"),
     ("127.0.0.1", "needs a port"),
     ("127.0.0.1:70000", "port must be a number from 0 to 65535"),
     ("[::1]8000", "IPv6 address must look like"),
@@ -56,6 +58,58 @@ def test_bind_failure_names_address_and_fix():
         with pytest.raises(ListenerError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use; "
                                                 "another process listens there"):
             bind(parse_address(f"127.0.0.1:{port}"), "listen-1")
+
+
+@pytest.mark.parametrize("text, host", [("localhost:80", "localhost"), ("api.example.com.:443", "api.example.com."),
+                                        ("my-host:1", "my-host"), ("a1.b2:2", "a1.b2")])
+def test_host_names_are_kept_for_the_bind(text, host):
+    a = parse_address(text)
+    assert (a.family, a.host, str(a)) == (socket.AF_UNSPEC, host, text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_name_listens_on_each_of_its_addresses():
+    port = free_port()
+    expected = {f"[{info[4][0]}]:{port}" if info[0] == socket.AF_INET6 else f"{info[4][0]}:{port}"
+                for info in socket.getaddrinfo("localhost", port, 0, socket.SOCK_STREAM)}
+    bound = bind_all([f"localhost:{port}"], ['--bind "localhost"'])
+    try:
+        assert {l.describe() for l in bound} == expected and f"127.0.0.1:{port}" in expected
+        assert [l.name for l in bound] == [f"listen-{i}" for i in range(1, len(bound) + 1)]
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        for listener in bound:
+            listener.sock.close()
+
+
+def test_a_name_that_does_not_resolve_names_its_origin():
+    with pytest.raises(ListenerError) as info:
+        bind_all(["127.0.0.1:0", "nothing.invalid:8000"], ["a", '--bind "nothing.invalid:8000"'])
+    assert str(info.value).startswith('--bind "nothing.invalid:8000": cannot listen on nothing.invalid:8000: '
+                                      "the host name 'nothing.invalid' does not resolve (")
+    assert "use a numeric address such as 127.0.0.1:8000 or [::1]:8000" in str(info.value)
+
+
+def test_a_name_that_is_a_listed_address_again_is_refused_and_nothing_stays_bound():
+    port = free_port()
+    with pytest.raises(ListenerError, match=f'^--bind "localhost": localhost:{port} is 127.0.0.1:{port}, which '
+                                            f'--bind "127" names already; list each address once$'):
+        bind_all([f"127.0.0.1:{port}", f"localhost:{port}"], ['--bind "127"', '--bind "localhost"'])
+    bind(parse_address(f"127.0.0.1:{port}"), "listen-1").sock.close()   # closed again: free
+
+
+def test_an_address_of_a_name_this_machine_lacks_is_skipped():
+    # What ::1 is to a machine without IPv6: EADDRNOTAVAIL. TEST-NET-1 is configured nowhere.
+    bound: list = []
+    missing = L._bind_one(parse_address("192.0.2.1:80"), parse_address("example.test:80"), "x", bound, {})
+    assert missing == "192.0.2.1:80 (Cannot assign requested address)" and bound == []
+    with pytest.raises(ListenerError, match="^x: cannot listen on 192.0.2.1:80: Cannot assign requested address"):
+        L._bind_one(parse_address("192.0.2.1:80"), parse_address("192.0.2.1:80"), "x", bound, {})
 
 
 def test_listen_variables_meant_for_another_pid_are_ignored_and_consumed():

@@ -22,12 +22,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 from pathlib import Path
 
 import pytest
 
 from cadenza import notify
+from cadenza.daemon import groups
 from cadenza.notify import BATCH, Notifier, NotifyInbox
 
 NOBODY = 65534
@@ -163,8 +165,13 @@ def test_receive_reads_at_most_one_batch_per_call():
 
 # --- a flood from another user ----------------------------------------------------------------
 
-def test_flood_from_another_user_is_dropped_and_a_worker_still_gets_through():
+@pytest.mark.parametrize("rule", ["uid", "descendants"])
+def test_flood_from_another_user_is_dropped_and_a_worker_still_gets_through(rule):
+    # "uid": the inbox's own rule (this euid or root); "descendants": the master's (a worker and
+    # its family, any uid), which looks each sender up in /proc, once per batch.
     payload = b"READY=1\nSTATUS=" + b"x" * 3000     # what a worker would say, only bigger
+    workers: set[int] = set()
+    sender_of = None if rule == "uid" else (lambda pid: groups.worker_of(pid, workers))
 
     def scenario():
         enter_own_netns()
@@ -191,7 +198,7 @@ def test_flood_from_another_user_is_dropped_and_a_worker_still_gets_through():
             for key, _ in events:
                 if key.data == "inbox":
                     before = inbox.dropped
-                    batch = inbox.receive()
+                    batch = inbox.receive(sender_of)
                     calls += 1
                     most_returned = max(most_returned, len(batch))
                     most_read = max(most_read, len(batch) + inbox.dropped - before)
@@ -203,6 +210,7 @@ def test_flood_from_another_user_is_dropped_and_a_worker_still_gets_through():
                     sel.unregister(progress_r)
                     os.read(progress_r, 1)
                     worker = fork_as(os.getuid(), lambda: Notifier(inbox.address).send(ready=1))
+                    workers.add(worker)
                     sel.register(os.pidfd_open(worker), selectors.EVENT_READ, worker)
                     running.add(worker)
                 else:
@@ -228,7 +236,7 @@ def test_flood_from_another_user_is_dropped_and_a_worker_still_gets_through():
     assert out["ready_at"] < FLOOD, out["ready_at"]   # while the flood went on
     assert len(out["logged"]) == 1, out["logged"]     # one line for the minute, not 100k
     line = out["logged"][0]
-    assert f"uid {NOBODY} pid {flooder}" in line and "dropped" in line, line
+    assert f"refused READY=1 from pid {flooder} (uid {NOBODY}, " in line and "dropped" in line, line
 
 
 def test_drop_log_is_rate_limited_to_one_line_a_minute(monkeypatch):
@@ -319,6 +327,78 @@ def test_a_receiver_that_is_not_root_accepts_its_own_uid_and_root_only():
     assert sorted(f["STATUS"] for _, f in out["got"]) == ["from root", "from the same uid"]
     assert {p for p, _ in out["got"]} == {os.getpid(), same}
     assert out["dropped"] == 1
+
+
+# --- who may speak for a worker: its family, whatever user it runs as --------------------------
+
+NOTIFY = "/usr/bin/systemd-notify"
+AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+
+
+def receive_while(inbox: NotifyInbox, sender_of, proc: subprocess.Popen) -> list:
+    """What the inbox hands on until `proc` has exited (systemd-notify waits until its BARRIER=1
+    was read: the inbox must look at a sender while it waits)."""
+    got = []
+    deadline = time.monotonic() + STALL
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, f"{proc.args} still running after {STALL}s"
+        select.select([inbox.sock], [], [], 0.1)
+        got += inbox.receive(sender_of)
+    return got + inbox.receive(sender_of)
+
+
+def test_systemd_notify_as_nobody_from_a_workers_child_speaks_for_the_worker_and_a_stranger_does_not():
+    records = Records()
+    logger = logging.getLogger("cadenza.notify")
+    logger.addHandler(records)
+    inbox = NotifyInbox("family")
+    env = {**os.environ, "NOTIFY_SOCKET": inbox.address}
+    try:
+        # The worker is a shell (root) whose child is a shell run as nobody, which runs the real
+        # systemd-notify: as nobody it cannot name its parent, so the kernel names it.
+        grandchild = " ".join(AS_NOBODY) + f" sh -c '{NOTIFY} --ready --status=from-a-grandchild; true'"
+        worker = subprocess.Popen(["sh", "-c", f"{grandchild}; true"], env=env)
+        workers = {worker.pid}
+        got = receive_while(inbox, lambda pid: groups.worker_of(pid, workers), worker)
+        assert worker.returncode == 0
+        assert got == [(worker.pid, {"READY": "1", "STATUS": "from-a-grandchild"})]   # BARRIER=1 only read
+        assert inbox.dropped == 0 and records.lines == []
+
+        # The same program, as the same user, but no worker's descendant: refused, and said so.
+        stranger = subprocess.Popen([*AS_NOBODY, NOTIFY, "--ready", "--status=stranger"], env=env)
+        assert receive_while(inbox, lambda pid: groups.worker_of(pid, workers), stranger) == []
+        assert stranger.returncode == 0          # its BARRIER=1 was read too, and so answered
+        assert inbox.dropped == 1
+        [line] = records.lines
+        assert f"refused READY=1 from pid {stranger.pid} (uid {NOBODY}, {NOTIFY} --ready --status=stranger)" in line
+        assert "not sent by a worker of this generation or one of its descendants" in line
+    finally:
+        logger.removeHandler(records)
+        inbox.close()
+
+
+def test_the_refused_sender_s_command_line_cannot_forge_a_log_line():
+    # Whoever sends chooses its argv: a newline in it must not become a line of its own.
+    records = Records()
+    logger = logging.getLogger("cadenza.notify")
+    logger.addHandler(records)
+    inbox = NotifyInbox("forge")
+    program = ("import socket, sys, time; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto("
+               "b'READY=1', b'\\0' + sys.argv[1][1:].encode()); time.sleep(30)")
+    sender = subprocess.Popen(["x\nCRITICAL master: forged", "-c", program, inbox.address, "y" * 500],
+                              executable=sys.executable)
+    try:
+        assert select.select([inbox.sock], [], [], STALL)[0]
+        assert inbox.receive(lambda pid: None) == []
+        [line] = records.lines
+        assert "\n" not in line
+        assert f"from pid {sender.pid} (uid 0, x?CRITICAL master: forged -c import socket" in line, line
+        assert "…): not sent by" in line and len(line) < 600, line   # 200 characters at most
+    finally:
+        sender.kill()
+        sender.wait()
+        logger.removeHandler(records)
+        inbox.close()
 
 
 def test_no_fds_are_kept_from_a_datagram_that_carries_some():

@@ -54,6 +54,16 @@ def test_a_leaving_or_committed_generation_starts_no_worker():
         for event in (Event.GROW, Event.RESTART):
             assert isinstance(decide(state, event), Refuse), (state, event)
         assert isinstance(decide(state, Event.RESPAWN), Ignore)
+        assert isinstance(decide(state, Event.APP_FAILED), Ignore)
+
+
+def test_an_app_that_cannot_be_loaded_fails_only_a_generation_still_starting():
+    # Exit 3 before any worker was ready: the first start (or the upgrade) fails at once; in
+    # every other state it is a crash like any other, respawned where a crash is respawned.
+    assert decide(State.STARTING, Event.APP_FAILED) == "app_failed"
+    for state in State:
+        if state is not State.STARTING:
+            assert decide(state, Event.APP_FAILED) == decide(state, Event.RESPAWN), state
 
 
 def test_after_mainpid_nothing_stops_the_successor():

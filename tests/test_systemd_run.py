@@ -21,7 +21,7 @@ APP = "web"
 UNIT = f"{APP}.service"
 WORKER_TITLES = [f"cadenza worker {i} gen 1 [{APP}]" for i in (1, 2)]
 DATE = re.compile(r"\b\d{4}-\d\d-\d\d\b")
-BACKOFF = re.compile(r"generation 1 starting: 0/2 workers ready; worker \d exited with status 3 \(the application could not be loaded\), "
+BACKOFF = re.compile(r"generation 1 starting: 0/2 workers ready; worker \d exited with status 1, "
                      r"retry in (\d+\.\d)s \((\d+) failed start\(s\) in a row\)")
 
 
@@ -160,7 +160,8 @@ def test_killed_worker_is_replaced_without_restarting_the_unit(systemd):
 
 
 def test_worker_failing_at_start_backs_off_and_master_stays_idle(systemd):
-    install(systemd, count=2, command=["sh", "-c", "exit 3"], ready_timeout=60,
+    # Exit 1, a crash: an exit 3 ("the application could not be loaded") fails the start at once.
+    install(systemd, count=2, command=["sh", "-c", "exit 1"], ready_timeout=60,
             args=("--bind", f"127.0.0.1:{free_port()}"))
     # --no-block: the start job lasts as long as the unit is activating, which is the point here.
     systemd.systemctl("start", "--no-block", UNIT, check=True)
@@ -203,6 +204,45 @@ def test_workers_never_ready_fail_the_start_with_75(systemd):
     # the last STATUS= sent; cadenza sends the reason, then "generation 1 stopping" over it.
     status = systemd.show(UNIT, "StatusText")["StatusText"]
     assert "start failed: 0/2 workers ready after 1s" in status, f"BUG: StatusText={status!r}"
+
+
+def test_an_app_that_cannot_be_imported_fails_the_start_at_once_with_78(systemd):
+    install(systemd, count=2, app="nosuch_module:app", ready_timeout=60, restart="no",
+            args=("--bind", f"127.0.0.1:{free_port()}"))
+    t0 = time.monotonic()
+    start = systemd.systemctl("start", UNIT)
+    took = time.monotonic() - t0
+    assert start.returncode != 0 and took < 20, (took, start.stderr)   # not after ready_timeout = 60
+    props = systemd.show(UNIT, "ActiveState", "Result", "ExecMainStatus", "StatusText")
+    assert (props["ActiveState"], props["Result"], props["ExecMainStatus"]) == ("failed", "exit-code", "78"), props
+    reason = ("exited with status 3 (the application could not be loaded): cannot load app 'nosuch_module:app'")
+    assert props["StatusText"].startswith("generation 1 start failed: worker ") and reason in props["StatusText"]
+    assert "ModuleNotFoundError: No module named 'nosuch_module'" in props["StatusText"], props
+    journal_lines(systemd, "generation 1 start failed: worker ")
+
+
+def test_stop_keeps_a_socket_units_listener_and_a_new_connection_waits_for_the_next_start(systemd):
+    # systemd holds the listening socket: while the master drains, a new connection is queued on
+    # it, not refused, and the start it triggers once the unit is down answers it.
+    port = free_port()
+    install(systemd, port=port, count=2)
+    assert get(port)[0] == 200
+    _, master, _ = running(systemd)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/slow?s=2")
+    with ThreadPoolExecutor(2) as pool:
+        reply = pool.submit(lambda: conn.getresponse().status)
+        poll(lambda: accepted(port, conn.sock.getsockname()[1]), what="accept() of the request")
+        systemd.systemctl("stop", "--no-block", UNIT, check=True)
+        # Both workers have stopped accepting (the journal is the only witness of that).
+        poll(lambda: systemd.journal("-o", "cat", "-u", UNIT).count("Shutting down") == 2, what="the drain")
+        late = pool.submit(get, port, "/", 30)
+        assert reply.result(timeout=30) == 200
+        status, body = late.result(timeout=30)
+    assert status == 200 and "hello from cadenza worker" in body, body
+    systemd.wait_for(UNIT, "ActiveState", "active")
+    props, again, _ = running(systemd)
+    assert again != master and props["NRestarts"] == "0", props   # started anew, by the socket
 
 
 def test_outside_systemd_without_notify_socket(tmp_path):

@@ -8,6 +8,7 @@ Pids: systemd reports the namespace's pids; /proc on the host is read through th
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -48,7 +49,7 @@ def test_five_deploys_each_reload_hands_over_and_prune_never_breaks_the_next(sys
 
 
 @pytest.mark.parametrize("release, reason", [
-    # gen 2's workers cannot start: it gives up (after ready_timeout at the latest)
+    # gen 2's workers cannot load the app: it gives up at once, on their exit 3
     (dict(app_body='raise ImportError("the release lacks missing_dep")', ready_timeout=10),
      "ImportError: the release lacks missing_dep"),
     (dict(count="two"), "workers.count"),   # refused at pre-flight: the new config is invalid
@@ -73,6 +74,31 @@ def test_failed_upgrade_fails_the_reload_and_the_old_release_keeps_serving(syste
     assert systemd.systemctl("reload", APP).returncode == 0
     assert answer(site) == "release r3"
     assert set(hammer.check()) == {"release r1", "release r3"}
+
+
+@pytest.mark.parametrize("site", [{"upgrade_timeout": 60}], indirect=True)
+def test_reload_to_a_release_whose_app_cannot_be_imported_fails_at_once(systemd, site, hammer):
+    # upgrade.timeout and ready_timeout are 60 s: the reload fails on gen 2's workers' exit 3.
+    before, _ = main_pid(systemd)
+    procs_before = set(unit_procs(systemd).values())
+    site.deploy("r2", app_body="import nosuch_dependency", ready_timeout=60)
+    t0 = time.monotonic()
+    reload = systemd.systemctl("reload", APP)
+    took = time.monotonic() - t0
+    assert reload.returncode != 0 and took < 20, (took, reload.stdout, reload.stderr)
+    why = "exited with status 3 (the application could not be loaded): cannot load app 'app:app'"
+    props = systemd.show(UNIT, "MainPID", "ActiveState", "NRestarts")
+    assert props == {"MainPID": before, "ActiveState": "active", "NRestarts": "0"}, props
+    reason = "upgrade to generation 2 failed: generation 2 start failed: worker "
+    journal_has(systemd, "ModuleNotFoundError: No module named 'nosuch_dependency'")
+    shown = poll(lambda: reason in (out := systemd.systemctl("status", "-n", "20", UNIT).stdout) and out,
+                 what="the reason in `systemctl status`")
+    assert why in shown and "No module named 'nosuch_dependency'" in shown, shown
+    assert answer(site) == "release r1"
+    last = status(site)["last_upgrade"]
+    assert not last["ok"] and why in last["reason"], last
+    poll(lambda: set(unit_procs(systemd).values()) == procs_before, what="gen 2 gone")
+    assert set(hammer.check()) == {"release r1"}
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -291,3 +317,38 @@ def test_old_master_killed_before_the_fork_is_an_ordinary_crash(systemd, site, h
     assert reload.returncode == 0, reload.stderr + systemd.journal("-o", "cat", "-n", "30")
     assert answer(site) == "release r2"
     lost_only_in_flight(hammer)
+
+
+# At import, each worker of a release writes its environment where the test reads it.
+ENV_DUMP = """import json
+_path = {out!r} + "/env-{tag}-" + str(os.getpid()) + ".json"
+with open(_path + ".tmp", "w") as _file:
+    json.dump(dict(os.environ), _file)
+os.rename(_path + ".tmp", _path)
+"""
+
+
+def test_each_reload_gives_the_new_workers_their_release_s_workers_env(systemd, site, hammer):
+    """[workers.env] and [http] come from each release's own cadenza.toml: the next generation's
+    workers get the new values, and a key the new release no longer sets is gone from them (the
+    masters pass it to their workers only, never keep it in their own environment)."""
+    out = site.root / "run" / "env"
+    out.mkdir()
+    site.deploy("r2", app_body=ENV_DUMP.format(out=str(out), tag="r2"),
+                config_extra='[workers.env]\nGREETING = "two"\nONLY_IN_R2 = "yes"\n')
+    assert systemd.systemctl("reload", APP).returncode == 0, systemd.journal("-o", "cat", "-n", "30")
+    assert answer(site) == "release r2"
+    site.deploy("r3", app_body=ENV_DUMP.format(out=str(out), tag="r3"),
+                config_extra='[workers.env]\nGREETING = "three"\n[http]\nkeepalive = 3\n')
+    assert systemd.systemctl("reload", APP).returncode == 0, systemd.journal("-o", "cat", "-n", "30")
+    assert answer(site) == "release r3"
+    envs = {tag: [json.loads(path.read_text()) for path in sorted(out.glob(f"env-{tag}-*.json"))]
+            for tag in ("r2", "r3")}
+    assert [len(envs["r2"]), len(envs["r3"])] == [2, 2], envs
+    for env in envs["r2"]:
+        assert (env["GREETING"], env["ONLY_IN_R2"], json.loads(env["CADENZA_HTTP"])["keepalive"]) == ("two", "yes", 5)
+        assert env["CADENZA_GENERATION"] == "2"
+    for env in envs["r3"]:
+        assert env["GREETING"] == "three" and "ONLY_IN_R2" not in env, env
+        assert json.loads(env["CADENZA_HTTP"])["keepalive"] == 3 and env["CADENZA_GENERATION"] == "3"
+    assert set(hammer.check()) == {"release r1", "release r2", "release r3"}

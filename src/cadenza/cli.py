@@ -30,9 +30,17 @@ def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                                      "Anything after -- is a worker command instead of --app.")
     _config_arg(run)
     run.add_argument("--bind", action="append", metavar="ADDR",
-                     help="host:port, [v6]:port or unix:/path[;mode=0660]; repeat for more (overrides [listen])")
+                     help="host:port (a name such as localhost listens on each of its addresses), [v6]:port "
+                          "or unix:/path[;mode=0660]; repeat for more (overrides [listen])")
     run.add_argument("--workers", type=int, metavar="N", help="number of workers (overrides workers.count)")
-    run.add_argument("--app", metavar="MOD:OBJ", help="WSGI or ASGI application for the built-in worker")
+    run.add_argument("--app", metavar="MOD:OBJ", help="WSGI or ASGI application for the built-in worker "
+                                                      "(MOD alone means MOD:application)")
+    run.add_argument("--name", metavar="NAME", help="the app's name in process titles and in the default "
+                                                    "control socket path (overrides app.name)")
+    run.add_argument("--control-socket", metavar="PATH",
+                     help="absolute path of the control socket (overrides control.socket; default "
+                          "/run/cadenza/NAME/control.sock, or $XDG_RUNTIME_DIR/cadenza/NAME/control.sock "
+                          "when that cannot be made: not root)")
     pin = sub.add_parser("pin", help="write ROOT/shared/bin/{cadenza,supervisorctl}, the pinned launchers",
                          description="Write the pinned launchers every generation is started from. They "
                                      "find the release at exec time: ROOT/current/.venv when it exists, "
@@ -64,10 +72,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args, command: list[str] | None = None) -> C.Config:
-    path = C.discover(args.config)
-    cfg = C.load(path) if path else C.defaults()
-    return C.require_app(C.override(cfg, binds=getattr(args, "bind", None), workers=getattr(args, "workers", None),
-                                    app=getattr(args, "app", None), command=command or None))
+    return C.from_run_args(args, command)
 
 
 def main(argv: list[str] | None = None) -> int:

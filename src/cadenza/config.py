@@ -8,20 +8,26 @@ Each problem names the file, the dotted key and what was expected.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import errno
+import json
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cadenza.validate import (MAX_WORKERS, ConfigError, Readiness, Validator, _absolute_path, _addresses,
-                              _app_name, _app_spec, _check_addresses, _integer, _readiness, _Report,
-                              _seconds, _seconds_or_off, _show, _socket_path, _string_list)
+from cadenza.validate import (MAX_CONCURRENCY, MAX_WORKERS, MAX_WSGI_THREADS, ConfigError, Readiness,
+                              Validator, _absolute_path, _addresses, _app_name, _app_spec, _boolean,
+                              _check_addresses, _choice, _environment, _forwarded_ips, _integer, _readiness,
+                              _Report, _root_path, _seconds, _seconds_or_off, _show, _socket_path,
+                              _string_list, _suggest, _tls_file)
 
-__all__ = ["Config", "ConfigError", "Readiness", "DEFAULT_APP", "load", "parse", "defaults", "override",
-           "require_app", "discover", "resolve_release", "ReleaseError"]
+__all__ = ["Config", "ConfigError", "Readiness", "HttpSection", "DEFAULT_APP", "load", "parse", "defaults",
+           "override", "from_run_args", "require_app", "http_environment", "worker_environment",
+           "run_control_socket", "find_control_socket", "listen_origins", "discover", "resolve_release",
+           "ReleaseError"]
 
 DEFAULT_APP = "cadenza.demo:app"
 
@@ -37,6 +43,7 @@ class AppSection:
 @dataclass(frozen=True)
 class ListenSection:
     addresses: tuple[str, ...] = ("127.0.0.1:8000",)
+    from_flags: bool = False     # the addresses came from --bind (error messages name the flag)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,25 @@ class WorkersSection:
     ready_timeout: float = 30.0
     graceful_timeout: float = 30.0
     watchdog: float = 0.0        # seconds without WATCHDOG=1 before a worker is replaced; 0: off
+    env: tuple[tuple[str, str], ...] = ()   # [workers.env]: added to every worker's environment
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    """[http], the built-in worker's HTTP settings. These defaults are the only ones: the worker
+    uses them too when it runs without CADENZA_HTTP, and the fields are CADENZA_HTTP's keys."""
+    protocol: str = "auto"                 # auto (httptools when installed) | httptools | h11
+    loop: str = "auto"                     # auto (uvloop when installed) | uvloop | asyncio
+    lifespan: str = "auto"                 # ASGI lifespan: auto | on | off
+    keepalive: float = 5.0                 # seconds an idle keep-alive connection is kept
+    access_log: bool = False
+    proxy_headers: bool = True             # believe X-Forwarded-For/-Proto from forwarded_allow_ips
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)   # IPs, networks, "*", "unix"
+    root_path: str = ""                    # the prefix the app is mounted under behind a proxy
+    limit_concurrency: int = 0             # open connections per worker (idle ones too) before 503; 0: off
+    certfile: str | None = None            # TLS: a PEM certificate chain (with the key, or keyfile)
+    keyfile: str | None = None
+    wsgi_threads: int = 10                 # the WSGI thread pool of each worker
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,7 @@ class Config:
     upgrade: UpgradeSection
     control: ControlSection
     source: Path | None = None
+    http: HttpSection | None = None      # None: the file has no [http] (the defaults apply)
 
     @property
     def exec_path(self) -> Path | None:
@@ -99,20 +126,21 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     "workers": {"count": _integer(1, MAX_WORKERS), "app": _app_spec,
                 "command": _string_list("the program and its arguments", allow_empty=False),
                 "ready": _readiness, "ready_timeout": _seconds, "graceful_timeout": _seconds,
-                "watchdog": _seconds_or_off},
+                "watchdog": _seconds_or_off, "env": _environment},
     "upgrade": {"timeout": _seconds},
     "control": {"socket": _socket_path,
                 "allow_users": _string_list("user names", allow_empty=True),
                 "allow_groups": _string_list("group names", allow_empty=True),
                 "status_groups": _string_list("group names", allow_empty=True)},
+    "http": {"protocol": _choice("auto", "httptools", "h11"), "loop": _choice("auto", "uvloop", "asyncio"),
+             "lifespan": _choice("auto", "on", "off"), "keepalive": _seconds, "access_log": _boolean,
+             "proxy_headers": _boolean, "forwarded_allow_ips": _forwarded_ips, "root_path": _root_path,
+             "limit_concurrency": _integer(0, MAX_CONCURRENCY), "certfile": _tls_file, "keyfile": _tls_file,
+             "wsgi_threads": _integer(1, MAX_WSGI_THREADS)},
 }
 _SECTION_TYPES = {"app": AppSection, "listen": ListenSection, "workers": WorkersSection,
-                  "upgrade": UpgradeSection, "control": ControlSection}
-
-
-def _suggest(word: str, choices: list[str], shape: str = "{}") -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {shape.format(close[0])}?)" if close else ""
+                  "upgrade": UpgradeSection, "control": ControlSection, "http": HttpSection}
+_OPTIONAL = {"http"}   # Config holds None for these when the file has none
 
 
 def _validate_section(section: str, table: dict[str, Any], report: _Report) -> dict[str, Any]:
@@ -128,7 +156,7 @@ def _validate_section(section: str, table: dict[str, Any], report: _Report) -> d
 
 
 def _validate_document(document: dict[str, Any], report: _Report) -> dict[str, dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SCHEMA}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SCHEMA if name not in _OPTIONAL}
     names = ", ".join(f"[{name}]" for name in _SCHEMA)
     for name, table in document.items():
         if name not in _SCHEMA:
@@ -139,6 +167,8 @@ def _validate_document(document: dict[str, Any], report: _Report) -> dict[str, d
         else:
             sections[name] = _validate_section(name, table, report)
     _check_workers(sections["workers"], report)
+    if "http" in sections:
+        _check_http(sections["http"], sections["workers"], report)
     return sections
 
 
@@ -150,6 +180,16 @@ def _check_workers(workers: dict[str, Any], report: _Report) -> None:
     if isinstance(ready, Readiness) and ready.kind == "uptime" and ready.seconds >= limit > 0:
         report.add("workers.ready", f"{ready} is never reached within workers.ready_timeout = "
                                     f"{limit:g} s; lower the uptime or raise ready_timeout")
+
+
+def _check_http(http: dict[str, Any], workers: dict[str, Any], report: _Report) -> None:
+    if "command" in workers:
+        report.add("http", "[http] configures the built-in worker (workers.app) only; workers.command "
+                           "runs a server of its own, which these settings never reach: remove [http] "
+                           "or set them in that command")
+    if "keyfile" in http and "certfile" not in http:
+        report.add("http.keyfile", "a key needs its certificate: set http.certfile too, or remove "
+                                   "http.keyfile")
 
 
 def _build(sections: dict[str, dict[str, Any]], source: Path | None) -> Config:
@@ -208,7 +248,8 @@ def require_app(config: Config) -> Config:
 
 
 def override(config: Config, *, binds: list[str] | None = None, workers: int | None = None,
-             app: str | None = None, command: list[str] | None = None) -> Config:
+             app: str | None = None, command: list[str] | None = None, name: str | None = None,
+             control_socket: str | None = None) -> Config:
     """Apply command-line flags, which win over the file. Empty `binds`/`command` mean "not given"."""
     report = _Report(None)
     if app is not None and command:
@@ -218,11 +259,18 @@ def override(config: Config, *, binds: list[str] | None = None, workers: int | N
     if workers is not None:
         _integer(1, MAX_WORKERS)(workers, "--workers", report)
     if app is not None:
-        _app_spec(app, "--app", report)
+        app = _app_spec(app, "--app", report)
     if command:
         _string_list("the program and its arguments", False)(command, "command after --", report)
+        if config.http is not None:
+            report.add("command after --", f"{config.source}: [http] configures the built-in worker only, "
+                                           "and a command runs a server of its own: remove [http] there, "
+                                           "or serve the app with --app")
+    if name is not None:
+        _app_name(name, "--name", report)
+    socket_path = _socket_path(control_socket, "--control-socket", report) if control_socket is not None else None
     report.raise_if_any()
-    listen = replace(config.listen, addresses=tuple(binds)) if binds else config.listen
+    listen = replace(config.listen, addresses=tuple(binds), from_flags=True) if binds else config.listen
     section = config.workers
     if workers is not None:
         section = replace(section, count=workers)
@@ -230,7 +278,99 @@ def override(config: Config, *, binds: list[str] | None = None, workers: int | N
         section = replace(section, app=app, command=None)
     if command:
         section = replace(section, app=None, command=tuple(command))
-    return replace(config, listen=listen, workers=section)
+    app_section = replace(config.app, name=name) if name is not None else config.app
+    control = replace(config.control, socket=socket_path) if control_socket is not None else config.control
+    return replace(config, app=app_section, listen=listen, workers=section, control=control)
+
+
+def from_run_args(args, command: list[str] | None = None,
+                  directory: str | os.PathLike | None = None) -> Config:
+    """What `cadenza run ARGS [-- COMMAND]` serves, started in `directory`: the config file found
+    there (or the defaults), then the flags. The one reading of them: `cadenza run`, `cadenza
+    check` and an upgrade's pre-flight (for the next generation's argv) all come here."""
+    path = discover(getattr(args, "config", None), directory)
+    cfg = load(path) if path else defaults()
+    flags = {key: getattr(args, key, None) for key in ("workers", "app", "name", "control_socket")}
+    return require_app(override(cfg, binds=getattr(args, "bind", None), command=command or None, **flags))
+
+
+def listen_origins(config: Config) -> list[str]:
+    """Where each of `config.listen.addresses` was given, for an error that must name it."""
+    addresses = config.listen.addresses
+    if config.listen.from_flags:
+        return [f"--bind {_show(text)}" for text in addresses]
+    if config.source is not None:
+        return [f"{config.source}: listen.addresses[{i}]" for i in range(len(addresses))]
+    return ["the default address (--bind ADDR picks another)"] * len(addresses)
+
+
+# ---- what each worker gets ---------------------------------------------------------------
+
+def http_environment(config: Config) -> dict[str, str]:
+    """{"CADENZA_HTTP": JSON} for the built-in worker: [http] with every key, defaults filled in
+    (certfile/keyfile null when unset). Nothing for a workers.command program."""
+    if not config.workers.app:
+        return {}
+    values = dataclasses.asdict(config.http or HttpSection())
+    return {"CADENZA_HTTP": json.dumps(values, separators=(",", ":"))}
+
+
+def worker_environment(config: Config) -> dict[str, str]:
+    """What this config adds to each worker's environment (never to the master's: a release's
+    [workers.env] reaches only its own generation's workers, and a key removed is gone)."""
+    return {**dict(config.workers.env), **http_environment(config)}
+
+
+# ---- where the control socket is ---------------------------------------------------------
+
+def user_runtime_dir() -> Path:
+    """A user's own runtime directory: $XDG_RUNTIME_DIR when it is a directory of this user's
+    (pam_systemd makes it, 0700), else /tmp/cadenza-UID (which the master makes 0700, and uses
+    only when it is its user's alone, as tmux does)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/"):
+        try:
+            st = os.stat(xdg)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            return Path(xdg)
+    return tmp_runtime_dir()
+
+
+def tmp_runtime_dir() -> Path:
+    return Path(f"/tmp/cadenza-{os.geteuid()}")
+
+
+def run_control_socket(config: Config) -> Path:
+    """Where a master puts its control socket: control.socket (or --control-socket), else
+    /run/cadenza/NAME/control.sock for root and for a service whose RuntimeDirectory= made that
+    writable, else the user's runtime directory: `cadenza run` works as any user."""
+    system = config.control_socket
+    if config.control.socket is not None or os.geteuid() == 0 or _may_create(system.parent):
+        return system
+    return user_runtime_dir() / "cadenza" / config.app.name / "control.sock"
+
+
+def find_control_socket(config: Config) -> Path:
+    """Where a client finds the master of `config`: the socket such a master run by this user
+    would use when it is there, else the system one (also when neither is, for the message)."""
+    here = run_control_socket(config)
+    system = config.control_socket
+    if here == system or os.path.lexists(here):
+        return here
+    return system if os.path.lexists(system) or os.path.lexists(system.parent) else here
+
+
+def _may_create(directory: Path) -> bool:
+    """Can this process make `directory` (or use it, when it exists)?"""
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE)
+    return False
+
+
+_EFFECTIVE = os.access in os.supports_effective_ids
 
 
 # ---- where a config is found, and which release it serves ----------------------------------

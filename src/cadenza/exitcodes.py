@@ -14,12 +14,13 @@ SOFTWARE = 70          # EX_SOFTWARE: an internal error; a bug to report
 OSERR = 71             # EX_OSERR: a listener could not be bound or adopted
 CANTCREAT = 73         # EX_CANTCREAT: the control socket could not be created
 TEMPFAIL = 75          # EX_TEMPFAIL: the workers did not become ready
-CONFIG = 78            # EX_CONFIG: the config, or a unit setting such as a too low LimitNOFILE=
+CONFIG = 78            # EX_CONFIG: the config, a unit setting such as a too low LimitNOFILE=, or an
+                       # application that cannot be loaded (a worker exited 3 before any was ready)
 
 DAEMON = {OK: "clean stop", UNCLEAN_HANDOVER: "the previous generation died before the hand-over",
           USAGE: "usage error", SOFTWARE: "internal error", OSERR: "a listener could not be bound or adopted",
           CANTCREAT: "the control socket could not be created", TEMPFAIL: "the workers did not become ready",
-          CONFIG: "configuration error"}
+          CONFIG: "configuration error, or the application could not be loaded"}
 
 # supervisorctl, also carried in the control protocol's final "done" event
 CTL_OK = 0

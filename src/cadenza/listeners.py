@@ -7,7 +7,10 @@ processes come and go.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -15,6 +18,9 @@ from pathlib import Path
 
 LISTEN_FDS_START = 3
 BACKLOG = 1024
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+log = logging.getLogger("cadenza")
 
 
 class ListenerError(Exception):
@@ -23,7 +29,7 @@ class ListenerError(Exception):
 
 @dataclass(frozen=True)
 class Address:
-    family: int
+    family: int                  # AF_UNSPEC: `host` is a name, resolved when it is bound
     host: str = ""
     port: int = 0
     path: str = ""
@@ -41,17 +47,24 @@ class Address:
 class Listener:
     sock: socket.socket
     name: str
+    closed_as: str = ""     # its address once closed: a stopping master still names it
 
     @property
     def fd(self) -> int:
         return self.sock.fileno()
 
     def describe(self) -> str:
-        return describe_socket(self.sock)
+        return self.closed_as or describe_socket(self.sock)
+
+    def close(self) -> None:
+        """Close this process's copy; the socket lives on while another process holds one."""
+        if not self.closed_as:
+            self.closed_as = self.describe()
+            self.sock.close()
 
 
 def parse_address(text: str) -> Address:
-    """Parse `host:port`, `[v6]:port`, `:port`, `unix:/path` or `unix:/path;mode=0660`."""
+    """Parse `host:port`, `[v6]:port`, `:port`, `name:port`, `unix:/path` or `unix:/path;mode=0660`."""
     if not isinstance(text, str) or not text:
         raise ValueError("expected an address such as 127.0.0.1:8000, [::1]:8000 or unix:/run/app.sock")
     if text.startswith("unix:"):
@@ -87,14 +100,95 @@ def parse_address(text: str) -> Address:
     try:
         socket.inet_pton(family, host)
     except OSError:
-        raise ValueError(f"{host!r} is not a numeric IP address (in {text!r}); names are not resolved") from None
+        if family == socket.AF_INET and _is_host_name(host):
+            return Address(socket.AF_UNSPEC, host=host, port=int(port))
+        raise ValueError(f"{host!r} is neither a numeric IP address nor a host name (in {text!r})") from None
     return Address(family, host=host, port=int(port))
+
+
+def _is_host_name(text: str) -> bool:
+    # RFC 1123 labels; a last label of digits only is a mistyped IPv4 address, not a name.
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def resolve(address: Address) -> list[Address]:
+    """A host name's addresses (getaddrinfo(3), each once, in its order); any other address as is."""
+    if address.family != socket.AF_UNSPEC:
+        return [address]
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ListenerError(f"cannot listen on {address}: the host name {address.host!r} does not resolve "
+                            f"({reason}); use a numeric address such as 127.0.0.1:{address.port} or "
+                            f"[::1]:{address.port}, or a name /etc/hosts knows") from exc
+    found: list[Address] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        each = Address(family, host=sockaddr[0], port=address.port)
+        if family in (socket.AF_INET, socket.AF_INET6) and each not in found:
+            found.append(each)
+    if not found:
+        raise ListenerError(f"cannot listen on {address}: the host name {address.host!r} has no IPv4 or "
+                            "IPv6 address; use a numeric address")
+    return found
+
+
+def bind_all(texts: list[str], origins: list[str]) -> list[Listener]:
+    """Listen on every address, named listen-1..n; a host name on each address it resolves to
+    (localhost: 127.0.0.1 and ::1), skipping those this machine lacks (no IPv6) as long as one
+    is bound. On a failure nothing stays bound, and the error names the address's origin (the
+    flag or the key it was given by)."""
+    listeners: list[Listener] = []
+    seen: dict[tuple, str] = {}
+    try:
+        for text, origin in zip(texts, origins):
+            try:
+                address = parse_address(text)
+                resolved = resolve(address)
+            except (ValueError, ListenerError) as exc:
+                raise ListenerError(f"{origin}: {exc}") from exc
+            missing = [problem for each in resolved
+                       if (problem := _bind_one(each, address, origin, listeners, seen))]
+            if len(missing) == len(resolved):
+                raise ListenerError(f"{origin}: cannot listen on {text}: none of its addresses is "
+                                    f"configured here: {', '.join(missing)}")
+            if missing:
+                log.warning("%s: not listening on %s: not configured on this machine", origin,
+                            ", ".join(missing))
+    except ListenerError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
+
+
+def _bind_one(each: Address, given: Address, origin: str, listeners: list[Listener],
+              seen: dict[tuple, str]) -> str | None:
+    """Bind one resolved address onto `listeners`; what was missing when a name's address is not
+    configured here (EADDRNOTAVAIL, EAFNOSUPPORT: ::1 without IPv6), else None."""
+    same = (each.family, each.path) if each.path else (each.family, socket.inet_pton(each.family, each.host),
+                                                       each.port)
+    if same in seen:
+        raise ListenerError(f"{origin}: {given} is {each}, which {seen[same]} names already; "
+                            "list each address once")
+    seen[same] = origin
+    try:
+        listeners.append(bind(each, f"listen-{len(listeners) + 1}"))
+    except ListenerError as exc:
+        cause = exc.__cause__
+        if given.family != socket.AF_UNSPEC or not isinstance(cause, OSError) or \
+                cause.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise ListenerError(f"{origin}: {exc}") from exc
+        return f"{each} ({cause.strerror})"
+    return None
 
 
 def bind(address: Address, name: str) -> Listener:
     """Listen on `address`. `name` goes into LISTEN_FDNAMES, so it must not contain ":"."""
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock = None
     try:
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
         if address.family == socket.AF_UNIX:
             _bind_unix(sock, address)
         else:
@@ -104,7 +198,8 @@ def bind(address: Address, name: str) -> Listener:
             sock.bind((address.host, address.port))
         sock.listen(BACKLOG)
     except OSError as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise ListenerError(f"cannot listen on {address}: {exc.strerror or exc}"
                             f"{_bind_hint(exc)}") from exc
     sock.set_inheritable(False)

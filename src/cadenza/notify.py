@@ -3,7 +3,7 @@
 `Notifier` speaks to systemd (or to whoever set NOTIFY_SOCKET: our own master, for a worker).
 `NotifyInbox` is the datagram socket a master gives its generation as NOTIFY_SOCKET; it reads
 what workers say, with the sender's pid from SO_PASSCRED so that nobody can speak for a worker,
-and drops unread what other users send (any of them can reach an abstract socket).
+and drops unread what any other process sends (any user can reach an abstract socket).
 
 sdnotify is not used: it encodes as latin-1 (a STATUS= with a non-latin-1 release path is lost),
 swallows every error (a lost MAINPID= must be noticed), and cannot pass fds (FDSTORE=1).
@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import time
+from typing import Callable
 
 log = logging.getLogger("cadenza.notify")
 
@@ -114,10 +115,12 @@ def monotonic_usec() -> int:
 class NotifyInbox:
     """A generation's own NOTIFY_SOCKET, in the abstract namespace so nothing is left on disk.
 
-    An abstract socket has no file permissions: any local user can send to it. So only datagrams
-    whose kernel-supplied credentials (SO_PASSCRED) name this process's euid or root are read
-    further, and each wakeup reads at most `batch` of them, whoever sent them: a flood costs the
-    master a bounded amount of work per turn of its level-triggered loop, and no memory.
+    An abstract socket has no file permissions: any local user can send to it, which is what lets
+    a worker's child running as another user (`setpriv --reuid nobody`, then systemd-notify) be
+    heard at all. So a datagram is read further only when the sender its kernel-supplied
+    credentials (SO_PASSCRED) name is one `receive()` accepts, and each wakeup reads at most
+    `batch` of them, whoever sent them: a flood costs the master a bounded amount of work per
+    turn of its level-triggered loop, and no memory.
     """
 
     def __init__(self, label: str, batch: int = BATCH):
@@ -136,49 +139,80 @@ class NotifyInbox:
         self._unlogged = 0               # dropped since the last log line
         self._logged_at: float | None = None
         self._last_sender: tuple[int, int] | None = None   # (uid, pid) of the last dropped one
+        self._refused_ready: tuple[int, int, str] | None = None   # (pid, uid, command line), unlogged
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self) -> list[tuple[int, dict[str, str]]]:
-        """Up to `batch` queued datagrams as (sender pid, fields); the rest wait for the next
-        call. Datagrams from another uid than this process's euid or root, or without
-        credentials, are dropped unparsed and counted in `dropped`."""
+    def receive(self, sender_of: Callable[[int], int | None] | None = None) -> list[tuple[int, dict[str, str]]]:
+        """Up to `batch` queued datagrams, in order, as (pid, fields); the rest wait for the next
+        call. `sender_of(pid)` names the process a sender speaks for (a worker, for its group and
+        descendants; daemon/groups.py), or None to refuse it. It is asked before the next datagram
+        is read: a sender that waits until its BARRIER=1 was read (systemd-notify does) is still
+        there to be looked at. Without `sender_of`, this process's euid and root are accepted,
+        each sender as itself. Refused datagrams, and those without credentials, are counted in
+        `dropped` and not parsed; a refused READY=1 is logged with its sender's command line."""
         out = []
         view = memoryview(self._buf)
+        verdicts: dict[int, int | None] = {}   # one look per sender and batch, however much it sends
         for _ in range(self.batch):
             try:
                 size, ancdata, _flags, _addr = self.sock.recvmsg_into([self._buf], _ANCSIZE)
             except (BlockingIOError, InterruptedError):
                 break
             creds = _credentials(ancdata)
-            if creds is None or creds[1] not in (0, self.uid):
-                self._drop(creds)
+            if size <= 16 and bytes(view[:size]).strip() == b"BARRIER=1":
+                # sd_notify_barrier(3) is answered by reading it: its fd finds no room and the
+                # kernel closes it. The sender goes on (systemd-notify exits) as soon as it is
+                # read, so it could not be looked up any more: neither handed on nor counted.
                 continue
-            out.append((creds[0], parse_fields(bytes(view[:size]))))
+            owner = None
+            if creds is not None and creds[0] > 0:   # 0: a sender in a pid namespace we cannot see
+                pid, uid = creds[0], creds[1]
+                if sender_of is None:
+                    owner = pid if uid in (0, self.uid) else None
+                else:
+                    if pid not in verdicts:
+                        verdicts[pid] = sender_of(pid)
+                    owner = verdicts[pid]
+            if owner is None:
+                self._drop(creds, size)
+                continue
+            out.append((owner, parse_fields(bytes(view[:size]))))
         if self._unlogged:
-            self._log_drops()
+            self._log_drops("a worker of this generation or one of its descendants" if sender_of else
+                            "root" if self.uid == 0 else f"uid {self.uid} or root")
         return out
 
-    def _drop(self, creds: tuple[int, int, int] | None) -> None:
+    def _drop(self, creds: tuple[int, int, int] | None, size: int) -> None:
         self.dropped += 1
         self._unlogged += 1
         self._last_sender = (creds[1], creds[0]) if creds else None
+        # Its command line is read now, while the sender may still run; once per logged line.
+        if creds is not None and self._refused_ready is None and _says_ready(self._buf, size):
+            command = command_line(creds[0]) if creds[0] > 0 else "in a pid namespace this master cannot see"
+            self._refused_ready = (creds[0], creds[1], command)
 
-    def _log_drops(self) -> None:
+    def _log_drops(self, allowed: str) -> None:
         now = _clock()
         if self._logged_at is not None and now - self._logged_at < DROP_LOG_INTERVAL:
             return
-        if self._last_sender is None:
-            last = "without sender credentials"
+        if self._refused_ready is not None:
+            pid, uid, command = self._refused_ready
+            log.warning("notify socket %s: refused READY=1 from pid %d (uid %d, %s): not sent by %s; "
+                        "dropped %d datagram(s) since the last line (%d in all)", self.address, pid, uid,
+                        command, allowed, self._unlogged, self.dropped)
         else:
-            uid, pid = self._last_sender
-            last = f"from uid {uid} pid {pid}"
-        allowed = "root" if self.uid == 0 else f"uid {self.uid} or root"
-        log.warning("notify socket %s: dropped %d datagram(s) not sent by %s (%d in all); the last %s",
-                    self.address, self._unlogged, allowed, self.dropped, last)
+            if self._last_sender is None:
+                last = "without sender credentials"
+            else:
+                uid, pid = self._last_sender
+                last = f"from uid {uid} pid {pid}"
+            log.warning("notify socket %s: dropped %d datagram(s) not sent by %s (%d in all); the last %s",
+                        self.address, self._unlogged, allowed, self.dropped, last)
         self._logged_at = now
         self._unlogged = 0
+        self._refused_ready = None
 
     def close(self) -> None:
         self.sock.close()
@@ -203,6 +237,30 @@ def _credentials(ancdata) -> tuple[int, int, int] | None:
                 except OSError:
                     pass
     return creds
+
+
+def _says_ready(buf: bytearray, size: int) -> bool:
+    """Whether buf[:size] holds the line READY=1, without parsing (nor copying) it."""
+    start = 0
+    while (at := buf.find(b"READY=1", start, size)) >= 0:
+        end = at + 7
+        if (at == 0 or buf[at - 1] == 0x0A) and (end == size or buf[end] == 0x0A):
+            return True
+        start = end
+    return False
+
+
+def command_line(pid: int, limit: int = 200) -> str:
+    """A process's command line for a log line: printable, bounded, never a second line (a
+    sender chooses its own argv)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(limit * 4)
+    except OSError:   # gone, or going (ESRCH)
+        return "command line unknown: the process has gone"
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return (text[:limit] + "…" if len(text) > limit else text) or "no command line"
 
 
 def parse_fields(data: bytes) -> dict[str, str]:

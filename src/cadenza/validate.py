@@ -4,6 +4,8 @@ problem of a config can be reported at once (config.py holds the sections and th
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import keyword
 import os
@@ -20,6 +22,10 @@ MAX_TIMEOUT = 86400.0
 MAX_UPTIME = 3600.0
 # sun_path is 108 bytes including the terminating NUL (unix(7)); a longer path cannot be bound.
 MAX_SOCKET_PATH = 107
+MAX_CONCURRENCY = 1_000_000
+MAX_WSGI_THREADS = 1024
+# Set by cadenza for each worker (process.spawn, pool._spawn): [workers.env] may not replace them.
+RESERVED_ENV = ("CADENZA_", "LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_")
 
 
 class ConfigError(Exception):
@@ -92,6 +98,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _suggest(word: str, choices: list[str], shape: str = "{}") -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {shape.format(close[0])}?)" if close else ""
+
+
 # A validator gets the raw TOML value and its dotted key, reports problems, and returns the
 # converted value (meaningless when it reported one: the config is then rejected as a whole).
 Validator = Callable[[Any, str, _Report], Any]
@@ -160,12 +171,16 @@ def _string_list(what: str, allow_empty: bool) -> Validator:
 
 
 def _app_spec(value: Any, key: str, report: _Report) -> str:
-    module, sep, obj = value.partition(":") if isinstance(value, str) else ("", "", "")
+    """"module:object", or "module" for module:application (the name WSGI servers look for)."""
+    module, sep, obj = value.partition(":") if isinstance(value, str) else ("", ":", "")
+    if not sep:
+        obj = "application"
     parts = module.split(".") + obj.split(".")
-    if not sep or not all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
-        report.add(key, 'expected "module:object" such as "demo.wsgi:application", '
-                        f"got {_show(value)}")
-    return value
+    if not all(part.isidentifier() and not keyword.iskeyword(part) for part in parts):
+        report.add(key, 'expected "module:object" such as "demo.wsgi:application" (or "module", '
+                        f"meaning module:application), got {_show(value)}")
+        return value
+    return f"{module}:{obj}"
 
 
 def _readiness(value: Any, key: str, report: _Report) -> Readiness:
@@ -207,4 +222,96 @@ def _address_identity(address: Address) -> tuple:
     # ":8000" and "0.0.0.0:8000", or "[::1]:80" and "[0::1]:80", would be bound twice and fail.
     if address.path:
         return (address.family, address.path)
+    if address.family == socket.AF_UNSPEC:   # a host name: "Localhost." is "localhost"
+        return (address.family, address.host.lower().rstrip("."), address.port)
     return (address.family, socket.inet_pton(address.family, address.host), address.port)
+
+
+# ---- [http] -------------------------------------------------------------------------------
+
+def _choice(*options: str) -> Validator:
+    def check(value: Any, key: str, report: _Report) -> str:
+        if not isinstance(value, str) or value not in options:
+            hint = _suggest(value, list(options), '"{}"') if isinstance(value, str) else ""
+            report.add(key, f"expected one of {', '.join(json.dumps(o) for o in options)}, "
+                            f"got {_show(value)}{hint}")
+        return value
+    return check
+
+
+def _boolean(value: Any, key: str, report: _Report) -> bool:
+    if not isinstance(value, bool):
+        report.add(key, f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _tls_file(value: Any, key: str, report: _Report) -> str | None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        report.add(key, f'expected an absolute path such as "/etc/ssl/private/demo.pem", got {_show(value)}')
+        return None
+    return value
+
+
+def _root_path(value: Any, key: str, report: _Report) -> str:
+    # What the app is mounted under behind a proxy (ASGI root_path, WSGI SCRIPT_NAME).
+    if not isinstance(value, str) or not re.fullmatch(r"(/[^/\s?#]+)*", value):
+        report.add(key, 'expected "" or a path such as "/api": starting with "/", without a trailing "/", '
+                        f"spaces, ? or #, got {_show(value)}")
+    return value
+
+
+def _forwarded_ips(value: Any, key: str, report: _Report) -> tuple[str, ...]:
+    """Peers whose X-Forwarded-For/-Proto are believed: IPs, networks, "*" (any) or "unix"
+    (connections on the unix-socket listeners, which only a local proxy can reach)."""
+    if not isinstance(value, list):
+        report.add(key, 'expected a list of IP addresses or networks such as ["127.0.0.1", "10.0.0.0/8"], '
+                        f'or ["*"] for any, or ["unix"] for unix-socket listeners, got {_show(value)}')
+        return ()
+    for i, item in enumerate(value):
+        if item in ("*", "unix"):
+            continue
+        where = f"{key}[{i}]"
+        if not isinstance(item, str):
+            report.add(where, f'expected an IP address or network as a string, such as "10.0.0.0/8", '
+                              f"got {_show(item)}")
+            continue
+        try:
+            ipaddress.ip_network(item)
+        except ValueError as exc:
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                report.add(where, f'{_show(item)} is not an IP address or network ({exc}); expected such as '
+                                  '"127.0.0.1", "::1", "10.0.0.0/8", or "*" or "unix"')
+            else:
+                report.add(where, f"{_show(item)} has host bits set; the network is {_show(str(network))}")
+    if "*" in value and len(value) > 1:
+        report.add(key, f'"*" trusts every peer already; list it alone, got {_show(value)}')
+    return tuple(value) if all(isinstance(item, str) for item in value) else ()
+
+
+# ---- [workers.env] ------------------------------------------------------------------------
+
+def _environment(value: Any, key: str, report: _Report) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        report.add(key, 'expected a table of NAME = "value", such as [workers.env] with '
+                        f'DJANGO_SETTINGS_MODULE = "demo.settings", got {_show(value)}')
+        return ()
+    pairs = []
+    for name, text in value.items():
+        valid = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
+        where = f"{key}.{name}" if valid else f"{key}.{_show(name)}"
+        if not valid:
+            report.add(where, "expected an environment variable name: letters, digits and _, "
+                              "not starting with a digit")
+        elif name.startswith(RESERVED_ENV):
+            report.add(where, f"{name} is reserved: cadenza sets CADENZA_*, LISTEN_*, NOTIFY_SOCKET and "
+                              "WATCHDOG_* for each worker itself; choose another name")
+        elif not isinstance(text, str):
+            report.add(where, "expected a string (an environment value is text: quote numbers and "
+                              f"booleans, such as \"4\"), got {_show(text)}")
+        elif "\0" in text:
+            report.add(where, "contains a NUL character, which no environment value can hold")
+        else:
+            pairs.append((name, text))
+    return tuple(pairs)

@@ -1,8 +1,8 @@
 """A command worker with nothing but the stdlib: HTTP/1.1 on the listener at fd 3.
 
 Answers every request with "release <name of its working directory> pid <pid>" and
-"Connection: close"; says READY=1 once listening; on SIGTERM or SIGINT stops accepting, finishes
-the request in hand and exits 0.
+"Connection: close"; says READY=1 once listening (unless HTTPWORKER_NOTIFY=0: then whoever started
+it says so); on SIGTERM or SIGINT stops accepting, finishes the request in hand and exits 0.
 """
 import os
 import signal
@@ -23,8 +23,9 @@ listener = socket.socket(fileno=3)
 listener.settimeout(0.2)   # so a stop is seen between connections
 body = f"release {os.path.basename(os.getcwd())} pid {os.getpid()}\n".encode()
 addr = os.environ["NOTIFY_SOCKET"]
-socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
-    b"READY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
+if os.environ.get("HTTPWORKER_NOTIFY") != "0":
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
+        b"READY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
 while not stopping:
     try:
         conn, _ = listener.accept()

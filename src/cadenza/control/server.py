@@ -15,6 +15,7 @@ its request never wakes the loop (a full close shows when its answer cannot be w
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import selectors
@@ -46,24 +47,71 @@ class ControlError(Exception):
     pass
 
 
-def bind_socket(path: Path) -> socket.socket:
-    """Listen on `path` (mode 0660), replacing a stale socket but never a live master's."""
+PROBE_TIMEOUT = 2.0     # a live master's full accept queue makes connect() wait: it is alive
+OWN_SOCKET = ("give this one a socket of its own: `cadenza run --control-socket PATH` (or --name NAME), "
+              "or [control] socket in cadenza.toml")
+
+
+def bind_socket(path: Path, private: Path | None = None) -> socket.socket:
+    """Listen on `path` (mode 0660), replacing a stale socket but never a live master's. The
+    check and the bind happen under a lock on the directory, so of two masters started at once
+    on the same path one gets it and the other is told, instead of one unlinking the other's.
+    `private`: an ancestor in a directory anyone may write to (/tmp/cadenza-UID), which must be
+    this user's alone."""
     try:
+        if private is not None:
+            _make_private(private)
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise ControlError(_cannot_create(path, exc)) from exc
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ControlError(f"control socket {path} exists and is not a socket; remove it or set control.socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-            raise ControlError(f"another master already serves control socket {path}; stop it first "
-                               "or give this app another [control] socket")
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)
-        finally:
-            probe.close()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_stale(path)
+        return _listen(path)
+    except OSError as exc:   # a stale socket that cannot be removed (another user's, in a sticky dir)
+        raise ControlError(_cannot_create(path, exc)) from exc
+    finally:
+        os.close(lock)
+
+
+def _make_private(directory: Path) -> None:
+    # Anyone could have made it first, as a directory or symlink of their own, to catch the socket.
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
+        raise ControlError(f"{directory} is not this user's own private directory (it is {kind} of uid "
+                           f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}; expected uid {os.geteuid()}, "
+                           f"mode 0700), so the control socket is not made there; remove it, set "
+                           "$XDG_RUNTIME_DIR, or " + OWN_SOCKET)
+
+
+def _remove_stale(path: Path) -> None:
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ControlError(f"control socket {path} exists and is not a socket; remove it, or {OWN_SOCKET}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)   # nothing listens: a master that ended without removing it
+        return
+    except OSError as exc:
+        if not isinstance(exc, TimeoutError):
+            raise ControlError(f"control socket {path} exists and cannot be checked ({exc.strerror or exc}): "
+                               f"another user's master may serve it; {OWN_SOCKET}") from exc
+    finally:
+        probe.close()
+    raise ControlError(f"another master already serves control socket {path}; stop it first, or {OWN_SOCKET}")
+
+
+def _listen(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o117)
     try:
@@ -89,7 +137,7 @@ def _cannot_create(path: Path, exc: OSError) -> str:
     else:
         fix = "check the directory"
     return (f"cannot create control socket {path}: {exc.strerror or exc}; {fix}, "
-            "or point [control] socket at a writable directory")
+            "or point [control] socket (--control-socket PATH for `cadenza run`) at a writable directory")
 
 
 class Client:

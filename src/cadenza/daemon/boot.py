@@ -15,7 +15,7 @@ from .. import config as C
 from .. import exitcodes, logs
 from ..control import commands
 from ..control.server import Access, ControlError, ControlServer, bind_socket
-from ..listeners import ListenerError, adopt_from_env, bind, parse_address, unix_paths
+from ..listeners import ListenerError, adopt_from_env, bind_all, unix_paths
 from ..notify import Notifier
 from ..trust import config_problems
 from . import limits
@@ -35,10 +35,7 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
     logs.setup("master", final_fd=int(log_fd) if log_fd.isdigit() else None)
     inherited = Inheritance.from_environ()
     try:
-        path = C.discover(cfg_args.config)
-        cfg = C.load(path) if path else C.defaults()
-        cfg = C.require_app(C.override(cfg, binds=cfg_args.bind, workers=cfg_args.workers, app=cfg_args.app,
-                                       command=command or None))
+        cfg = C.from_run_args(cfg_args, command)
     except C.ConfigError as exc:
         log.error("configuration refused, not starting:\n%s", exc)
         return exitcodes.CONFIG
@@ -58,14 +55,16 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
         control = _take_control(listeners)
         bound_here = not listeners or "listeners" in owned
         if not listeners:
-            listeners = [bind(parse_address(text), f"listen-{i}") for i, text in enumerate(cfg.listen.addresses, 1)]
+            listeners = bind_all(list(cfg.listen.addresses), C.listen_origins(cfg))
     except ListenerError as exc:
         log.error("%s", exc)
         return exitcodes.OSERR
     control_owned = control is None or "control" in owned
     if control is None:
         try:
-            control = bind_socket(cfg.control_socket)
+            path = C.run_control_socket(cfg)
+            private = C.tmp_runtime_dir()
+            control = bind_socket(path, private if private in path.parents else None)
         except ControlError as exc:
             # Without it neither `systemctl reload` nor supervisorctl could reach this master.
             log.error("not starting: %s", exc)

@@ -13,12 +13,13 @@ Invariants (DESIGN §4.1):
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Callable
 
 from .. import exitcodes
-from ..config import Config
+from ..config import Config, worker_environment
 from ..notify import Notifier, NotifyInbox
 from .handoff import Inheritance
 from .loop import Loop
@@ -68,10 +69,13 @@ class Generation(Upgrades, Takeover):
         w = config.workers
         argv_ = list(w.command) if w.command else builtin_argv(w.app)
         self.pool = Pool(loop, Spec(argv_, self.number, self.name, release, listeners, self.inbox.address,
-                                    w.ready, w.ready_timeout, w.graceful_timeout, w.watchdog, inherited.log_fd),
+                                    w.ready, w.ready_timeout, w.graceful_timeout, w.watchdog, inherited.log_fd,
+                                    env=worker_environment(config)),
                          on_ready=lambda: self.handle(Event.WORKERS_READY),
                          on_respawn=lambda slot: self.handle(Event.RESPAWN, slot=slot),
-                         on_drained=lambda: self.handle(Event.DRAINED))
+                         on_drained=lambda: self.handle(Event.DRAINED),
+                         on_app_error=lambda slot, reason: self.handle(Event.APP_FAILED, slot=slot, reason=reason),
+                         read_notifications=self._on_notify)
         if inherited.heir:
             notifier.muted = True   # NotifyAccess=main: systemd would refuse all we said before "main"
 
@@ -116,9 +120,11 @@ class Generation(Upgrades, Takeover):
             self.loop.add_reader(self.inherited.predecessor_fd, self._on_predecessor_exit)
         log.info("generation %d starting %d worker(s) in %s on %s", self.number, self.config.workers.count,
                  self.release, ", ".join(l.describe() for l in self.listeners))
+        # The generation's deadline comes before its workers' own (same length, set earlier): it
+        # finds every worker that never said READY=1 still there, not already killed and reaped.
+        self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
         for _ in range(self.config.workers.count):
             self.pool.add_slot()
-        self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
         if self.watchdog_usec:
             self._watchdog()
         self._publish_status()
@@ -131,7 +137,7 @@ class Generation(Upgrades, Takeover):
             self.control = self._serve_control(self)
 
     def _on_notify(self) -> None:
-        for pid, fields in self.inbox.receive():
+        for pid, fields in self.inbox.receive(self.pool.worker_of):
             self.pool.notified(pid, fields)
 
     def _start_deadline(self) -> None:
@@ -139,7 +145,24 @@ class Generation(Upgrades, Takeover):
         reason = f"{self.pool.ready_count()}/{len(self.pool.slots)} workers ready after {w.ready_timeout:g}s"
         if self.pool.deaths():
             reason += f" (last: {self.pool.deaths()[-1]})"
+        silent = [slot.id for slot in self.pool.slots.values()
+                  if slot.worker is not None and slot.worker.state == "booting"]
+        if silent and w.ready.kind == "notify":
+            reason += "; " + self._silent_workers(silent)
         self.handle(Event.START_FAILED, reason=reason)
+
+    def _silent_workers(self, ids: list[int]) -> str:
+        """Why a worker that is alive is not ready, and the fix when it is a program of the user's:
+        uvicorn, gunicorn and most servers never send READY=1."""
+        w = self.config.workers
+        who = f"worker {ids[0]}" if len(ids) == 1 else "workers " + ", ".join(map(str, ids))
+        text = f"no READY=1 arrived from {who} within {w.ready_timeout:g}s (workers.ready_timeout)"
+        if w.command:
+            where = (f"in {os.path.abspath(self.config.source)}" if self.config.source
+                     else "in a config file (cadenza run -c FILE)")
+            text += (f"; a command worker that does not speak sd_notify needs ready = \"spawn\" or "
+                     f"ready = \"uptime:2s\" under [workers] {where}")
+        return text
 
     # ---- starting -----------------------------------------------------------------------
 
@@ -158,11 +181,16 @@ class Generation(Upgrades, Takeover):
             self.state = State.SERVING
             self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
 
-    def on_start_failed(self, reason: str, **_) -> None:
+    def on_start_failed(self, reason: str, code: int = exitcodes.TEMPFAIL, **_) -> None:
         reason = f"generation {self.number} start failed: {reason}"
         log.error("%s", reason)
         self.inherited.say(f"failed {reason}")
-        self._stop(exitcodes.TEMPFAIL, status=reason)
+        self._stop(code, status=reason)
+
+    def on_app_failed(self, reason: str, **_) -> None:
+        # 78, like a refused config: the release as deployed cannot serve, and a restart of the
+        # unit would only fail the same way (the shipped unit lists 78 in RestartPreventExitStatus=).
+        self.handle(Event.START_FAILED, reason=reason, code=exitcodes.CONFIG)
 
     def on_respawn(self, slot, **_) -> None:
         if self.state is State.STARTING and self.inherited.heir and slot.failures >= HEIR_MAX_FAILURES:
@@ -223,6 +251,7 @@ class Generation(Upgrades, Takeover):
             self.succession.fail("the service is stopping")
         self._answer_deferred("the service is stopping")
         self.state = State.STOPPING
+        self._close_listeners()
         if kill:
             self.pool.kill_all()
         self.pool.drain()
@@ -240,6 +269,18 @@ class Generation(Upgrades, Takeover):
         if not self.pool.remove_slot():
             log.warning("worker count stays at %d: it cannot go below 1", len(self.pool.slots))
 
+    def _close_listeners(self) -> None:
+        """Without a socket unit or the fd store, only cadenza's processes hold the sockets it
+        bound. A generation that will start no worker again closes its copies, and its workers
+        close theirs as they drain: once the last is closed the kernel refuses new connections
+        (ECONNREFUSED) at once, so clients and load balancers go elsewhere instead of waiting in a
+        backlog nobody accepts from. A socket unit's or the fd store's sockets stay open: systemd
+        holds them, and new connections wait there for the next start. A leaving generation's
+        copies are its successor's sockets too: closing them takes nothing from it."""
+        if self.bound_here and not self.fd_store:
+            for listener in self.listeners:
+                listener.close()
+
 
     # ---- ending -------------------------------------------------------------------------
 
@@ -247,7 +288,7 @@ class Generation(Upgrades, Takeover):
         self._maybe_exit()
 
     def _maybe_exit(self) -> None:
-        if self.state not in (State.STOPPING, State.LEAVING) or self.pool.workers:
+        if self.state not in (State.STOPPING, State.LEAVING) or self.pool.pids():
             return
         if self.state is State.STOPPING:
             if self.succession is not None and self.succession.stage is not Stage.DONE and self.succession.alive():

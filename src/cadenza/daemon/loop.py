@@ -182,7 +182,7 @@ def _name(handler) -> str:
 
 def signal_process(pid: int, sig: int) -> bool:
     """kill(2) one process we know by pid; never 0 or -1 (which would signal our own group or
-    every process we may signal). False when it is gone."""
+    every process we may signal). False when it is gone, or not ours to signal (logged)."""
     if pid <= 1:
         log.error("internal error: refusing to send %s to pid %d", signal.Signals(sig).name, pid)
         return False
@@ -190,11 +190,16 @@ def signal_process(pid: int, sig: int) -> bool:
         os.kill(pid, sig)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        log.error("cannot send %s to pid %d: it runs as a user this master may not signal",
+                  signal.Signals(sig).name, pid)
+        return False
     return True
 
 
 def signal_group(pgid: int, sig: int) -> bool:
-    """killpg(2) a group led by a child of ours (a next generation); never our own group."""
+    """killpg(2) a group led by a child of ours (a worker, a next generation) or what remains of
+    one (groups.py); never our own group."""
     if pgid <= 1 or pgid == os.getpgrp():
         log.error("internal error: refusing to signal process group %d", pgid)
         return False

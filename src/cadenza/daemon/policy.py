@@ -56,6 +56,7 @@ class Event(enum.Enum):
     WORKERS_READY = "all workers ready"
     START_FAILED = "start failed"       # ready_timeout passed, or workers keep failing
     RESPAWN = "respawn"                 # a slot's backoff is over, or its worker died
+    APP_FAILED = "application not loaded"   # a worker exited 3 before any worker of ours was ready
     DRAINED = "drained"                 # no worker of ours is left
     # the predecessor (we are the next generation)
     APPOINTED_NOTICE = "named in MAINPID="
@@ -132,6 +133,13 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # respawn reaching a leaving generation started an old-release worker, cut mid-request later).
     Event.RESPAWN: _row(
         "respawn", COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
+        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
+    # Exit 3 before any worker of the generation was ready: the release cannot serve, and
+    # retrying until ready_timeout only hides the reason. Only a generation still starting (the
+    # first, or an upgrade's next) can meet it; once one worker served, it is a crash like any other.
+    Event.APP_FAILED: _row(
+        "respawn", STARTING="app_failed",
+        COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
         LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
     Event.DRAINED: _row(
         Ignore("workers come back"), LEAVING="maybe_exit", STOPPING="maybe_exit"),

@@ -1,22 +1,29 @@
 """A generation's workers: one slot per worker, respawn with backoff, rolling restarts, drain.
 
-The pool knows processes, not policy. It reports to its owner through three callbacks:
+The pool knows processes, not policy. It reports to its owner through callbacks:
 `on_ready()` after any worker became ready, `on_respawn(slot)` when a slot lost its worker
-(the owner consults the table and calls `respawn(slot)` or not), and `on_drained()` when no
-worker is left after `drain()`. A fork that fails (EAGAIN under TasksMax=, ENOMEM) is a worker
-that died at once: the slot is retried with the same backoff, never the end of the master.
+(the owner consults the table and calls `respawn(slot)` or not), `on_app_error(slot, reason)`
+instead when that worker exited 3 ("the application could not be loaded") before any worker of
+the pool was ever ready, and `on_drained()` when no worker is left after `drain()`. A fork
+that fails (EAGAIN under TasksMax=, ENOMEM) is a worker that died at once: the slot is retried
+with the same backoff, never the end of the master.
+
+Every signal goes to a worker's process group, and what remains of a group once its worker was
+reaped counts as running (`pids()`, drained or not) until it is gone: groups.py.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import process
-from .loop import Loop, Timer, signal_process
+from ..exitcodes import WORKER_APP_ERROR
+from . import groups, process
+from .loop import Loop, Timer, signal_group
 
 log = logging.getLogger("cadenza.master")
 
@@ -45,6 +52,7 @@ class Worker:
     failure: str = ""               # why the master killed it, when it did
     restarts: int = 0
     last_ping: float | None = None  # its last WATCHDOG=1
+    killed: bool = False            # SIGKILL was sent to its group
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.started
@@ -76,20 +84,30 @@ class Spec:
     graceful_timeout: float
     watchdog: float
     output_fd: int | None
+    env: dict[str, str] = field(default_factory=dict)   # config.worker_environment: [workers.env], [http]
 
 
 class Pool:
     def __init__(self, loop: Loop, spec: Spec, *, on_ready: Callable[[], None],
-                 on_respawn: Callable[[Slot], None], on_drained: Callable[[], None]):
+                 on_respawn: Callable[[Slot], None], on_drained: Callable[[], None],
+                 on_app_error: Callable[[Slot, str], None] | None = None,
+                 read_notifications: Callable[[], None] = lambda: None):
         self.loop = loop
         self.spec = spec
         self.on_ready, self.on_respawn, self.on_drained = on_ready, on_respawn, on_drained
+        self.on_app_error = on_app_error or (lambda slot, reason: on_respawn(slot))
+        # A worker that cannot load its app says why in STATUS= and exits at once: its datagram is
+        # queued before the exit, but the loop may see the SIGCHLD first. Reading the notify
+        # socket before such an exit is judged gives its reason to the failure, not to chance.
+        self.read_notifications = read_notifications
+        self.served = False             # whether any worker of this pool was ever ready
         self.slots: dict[int, Slot] = {}
         self.workers: dict[int, Worker] = {}
         self.rolling: list[int] = []
         self.draining = False
         self._dead = (0, "")
         self._kill_timer: Timer | None = None
+        self.leftovers = groups.Leftovers(loop, spec.graceful_timeout, self._leftovers_gone)
 
     # ---- counts ---------------------------------------------------------------------------
 
@@ -112,7 +130,7 @@ class Pool:
 
     def _spawn(self, slot: Slot, replacing: bool = False) -> Worker | None:
         spec = self.spec
-        extra = {"CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
+        extra = {**spec.env, "CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
         if spec.watchdog:
             extra["WATCHDOG_USEC"] = str(int(spec.watchdog * 1e6))
         try:
@@ -161,13 +179,17 @@ class Pool:
 
     # ---- what workers say -----------------------------------------------------------------
 
+    def worker_of(self, pid: int) -> int | None:
+        """The worker a notify sender speaks for: itself, or one of its group or descendants."""
+        return groups.worker_of(pid, self.workers)
+
     def notified(self, pid: int, fields: dict[str, str]) -> None:
         worker = self.workers.get(pid)
         if worker is None:
             log.debug("ignored notification from pid %d, not a worker of this generation", pid)
             return
         if "STATUS" in fields:
-            worker.status = fields["STATUS"][:200]
+            worker.status = fields["STATUS"][:1000]   # enough for a path and an exception
         if fields.get("READY") == "1" and self.spec.ready.kind == "notify":
             self.mark_ready(worker)
         if fields.get("WATCHDOG") == "1" and self.spec.watchdog:
@@ -181,6 +203,7 @@ class Pool:
             return
         worker.state = "ready"
         worker.ready_at = time.monotonic()
+        self.served = True
         log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
         slot = self.slots.get(worker.id)
         if slot is not None and slot.incoming is worker:
@@ -191,7 +214,7 @@ class Pool:
         if self.workers.get(worker.pid) is worker and worker.state == "booting":
             worker.failure = f"not ready within {self.spec.ready_timeout:g}s"
             log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
-            signal_process(worker.pid, signal.SIGKILL)
+            self._kill(worker)
 
     def _watchdog(self, worker: Worker) -> None:
         """A worker that once said WATCHDOG=1 must keep saying it (sd_watchdog_enabled(3))."""
@@ -204,10 +227,18 @@ class Pool:
             return
         worker.failure = f"sent no WATCHDOG=1 for {silent:.1f}s (workers.watchdog = {timeout:g})"
         log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
-        signal_process(worker.pid, signal.SIGKILL)
+        self._kill(worker)
 
     def _exited(self, worker: Worker, status: int) -> None:
+        app_error = not self.served and _exit_code(status) == WORKER_APP_ERROR and not worker.failure
+        if app_error:
+            self.read_notifications()
         del self.workers[worker.pid]
+        # What it started may outlive it (a wrapper that did not exec, killed): that goes too.
+        # A group told to stop already is not told twice (groups.Leftovers.sweep).
+        self.leftovers.sweep(worker.pid, f"worker {worker.id} (pid {worker.pid})",
+                             signal.SIGKILL if worker.killed else None if worker.state == "stopping"
+                             else signal.SIGTERM)
         how = worker.failure or process.describe_status(status)
         if worker.state == "booting" and worker.status:
             how += f" ({worker.status})"
@@ -225,9 +256,18 @@ class Pool:
             slot.failures = 0 if stable else slot.failures + 1
             slot.last_death = f"worker {worker.id} {how}"
             self._dead = (worker.pid, how)
-            self.on_respawn(slot)
-            if slot.respawn is None and slot.worker is None:
+            if app_error and not self.served:
+                reason = f"worker {worker.id} {process.describe_status(status)}"
+                self.on_app_error(slot, f"{reason}: {worker.status}" if worker.status else reason)
+            else:
+                self.on_respawn(slot)
+            if slot.respawn is None and slot.worker is None and not self.draining:
                 log.warning("worker %d (pid %d) %s; not respawned", worker.id, worker.pid, how)
+        if self.draining and not self.workers and not self.leftovers:
+            self._cancel_kill()
+            self.on_drained()
+
+    def _leftovers_gone(self) -> None:
         if self.draining and not self.workers:
             self._cancel_kill()
             self.on_drained()
@@ -282,7 +322,10 @@ class Pool:
     def stop_worker(self, worker: Worker, sig: int = signal.SIGTERM) -> None:
         if worker.state != "stopping" or sig == signal.SIGKILL:
             worker.state = "stopping"
-            signal_process(worker.pid, sig)
+            if sig == signal.SIGKILL:
+                self._kill(worker)
+            else:
+                signal_group(worker.pid, sig)
 
     def drain(self, sig: int = signal.SIGTERM, bound: float | None = None) -> None:
         """Stop every worker (TERM: they finish their requests) and respawn none; on_drained()
@@ -295,10 +338,10 @@ class Pool:
                 slot.respawn = None
         for worker in list(self.workers.values()):
             self.stop_worker(worker, sig)
-        if self._kill_timer is None and self.workers:
+        if self._kill_timer is None and (self.workers or self.leftovers):
             seconds = self.spec.graceful_timeout if bound is None else bound
             self._kill_timer = self.loop.after(seconds, self._kill_stragglers)
-        if not self.workers:
+        if not self.workers and not self.leftovers:
             self.loop.after(0, self.on_drained)
 
     def _kill_stragglers(self) -> None:
@@ -306,7 +349,8 @@ class Pool:
         for worker in self.workers.values():
             log.warning("worker %d (pid %d) still running after %gs; killing it", worker.id, worker.pid,
                         self.spec.graceful_timeout)
-            signal_process(worker.pid, signal.SIGKILL)
+            self._kill(worker)
+        self.leftovers.kill_all()
 
     def _cancel_kill(self) -> None:
         if self._kill_timer is not None:
@@ -316,7 +360,17 @@ class Pool:
     def kill_all(self) -> None:
         for worker in self.workers.values():
             worker.state = "stopping"
-            signal_process(worker.pid, signal.SIGKILL)
+            self._kill(worker)
+        self.leftovers.kill_all()
+
+    def _kill(self, worker: Worker) -> None:
+        worker.killed = True
+        signal_group(worker.pid, signal.SIGKILL)
 
     def pids(self) -> set[int]:
-        return set(self.workers)
+        """The workers, and the groups of reaped ones that still have members (by their old pid)."""
+        return set(self.workers) | self.leftovers.pgids()
+
+
+def _exit_code(status: int) -> int | None:
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None

@@ -81,9 +81,7 @@ def _check_new_config(running: C.Config, argv: list[str], directory: str) -> str
         raise UpgradeRefused(f"the next generation's arguments {argv!r} are not valid: {exc}") from None
     path = C.discover(args.config, directory)
     try:
-        cfg = C.load(path) if path else C.defaults()
-        cfg = C.require_app(C.override(cfg, binds=args.bind, workers=args.workers, app=args.app,
-                                       command=command or None))
+        cfg = C.from_run_args(args, command, directory)
     except C.ConfigError as exc:
         raise UpgradeRefused(f"the new release's config is invalid:\n{exc}") from None
     unsafe = config_problems(path, writers=0o002) if path else []

@@ -3,6 +3,7 @@
 Workers are exec'd programs, never forks running the master's code: the master never imports
 application code. A worker receives the listeners as fds 3..n with LISTEN_* set for its own pid
 (sd_listen_fds(3)) and its generation's NOTIFY_SOCKET, exactly as if systemd had started it.
+It leads a process group of its own, which is what the master signals (groups.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
     master = os.getpid()
     pid = fork()
     if pid:
+        try:
+            # Here too, not only in the child: a signal sent to the group before the child got
+            # that far must find it (groups.py), not fail with ESRCH.
+            os.setpgid(pid, pid)
+        except OSError:   # EACCES: it has already exec'd, after its own setpgid()
+            pass
         return pid
     try:
         _become_worker(argv, env, fds, cwd, master, output_fd)
@@ -72,6 +79,8 @@ def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: st
                 signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # A process group of its own: whatever the master sends it reaches what it starts too.
+    os.setpgid(0, 0)
     # A worker whose master vanished (SIGKILL, OOM) drains and exits instead of serving alone.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

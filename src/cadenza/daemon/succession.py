@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import handoff
-from .loop import Loop, Timer, signal_group, signal_process
+from .groups import signal_tree
+from .loop import Loop, Timer, signal_process
 from .preflight import Plan
 from .process import describe_status, fork, place_fds
 
@@ -221,14 +222,14 @@ class Succession:
         if self.alive():
             log.warning("generation %d (pid %d) still running %gs after it was told to stop; killing it",
                         self.generation, self.pid, self.graceful_timeout)
-            signal_group(self.pid, signal.SIGKILL)
+            signal_tree(self.pid, signal.SIGKILL)   # its workers lead groups of their own
 
     def kill_now(self) -> None:
         """An immediate stop before the commit: N+1 goes with us."""
         if self.stage in (Stage.BOOTING, Stage.FAILING) and self.alive():
             self.stage = Stage.FAILING
             self.reason = self.reason or "the service was stopped immediately (SIGINT)"
-            signal_group(self.pid, signal.SIGKILL)
+            signal_tree(self.pid, signal.SIGKILL)
 
     def appointed(self) -> None:
         self.stage = Stage.COMMITTED
@@ -310,7 +311,7 @@ def _become_next(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int
             except (OSError, ValueError):
                 pass
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.setpgid(0, 0)   # its own group: a failed upgrade that will not stop is killed with one killpg
+        os.setpgid(0, 0)   # its own group: a failed upgrade that will not stop is killed with its tree
         place_fds(fds)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

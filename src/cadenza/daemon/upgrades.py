@@ -121,6 +121,7 @@ class Upgrades:
         self.exit_code_pending = exitcodes.OK
         if self.control is not None:
             self.control.stop_accepting()   # new requests go to the new main; ours finish
+        self._close_listeners()
         self.pool.drain()
         self._maybe_exit()
 

@@ -24,7 +24,9 @@ serving); 2 usage or config error; 3 cannot reach the master; 4 permission denie
 SIGTERM ends the wait with 0 (systemd sends it to ExecReload= when the service stops).
 
 The control socket is -s SOCKET, else control.socket of -c FILE, else /run/cadenza/NAME/control.sock
-for -u NAME[.service], else $CADENZA_CONTROL_SOCKET, else that of ./cadenza.toml."""
+for -u NAME[.service], else $CADENZA_CONTROL_SOCKET, else that of ./cadenza.toml. A master whose
+user cannot write /run/cadenza keeps it in $XDG_RUNTIME_DIR/cadenza/NAME/ (else /tmp/cadenza-UID/
+cadenza/NAME/): looked for there too."""
 
 
 class Failure(Exception):
@@ -60,7 +62,7 @@ def socket_path(args) -> Path:
         return Path(args.socket)
     if args.config:
         try:
-            return C.load(args.config).control_socket
+            return C.find_control_socket(C.load(args.config))
         except C.ConfigError as exc:
             raise Failure(USAGE, f"cannot read the control socket from {args.config}:\n{exc}") from None
     if args.unit:
@@ -71,10 +73,10 @@ def socket_path(args) -> Path:
     found = C.discover(None)
     if found is not None:
         try:
-            return C.load(found).control_socket
+            return C.find_control_socket(C.load(found))
         except C.ConfigError as exc:
             raise Failure(USAGE, f"cannot read the control socket from {found}:\n{exc}") from None
-    return C.defaults().control_socket
+    return C.find_control_socket(C.defaults())
 
 
 CONNECT_TIMEOUT = 10.0   # how long connect() waits while the master's accept queue is full

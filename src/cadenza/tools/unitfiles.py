@@ -39,6 +39,9 @@ def _listen_lines(addresses: list[str]) -> list[str]:
             addr = parse_address(text)
         except ValueError as exc:
             raise UnitError(f"--listen {text}: {exc}") from None
+        if addr.family == socket.AF_UNSPEC:   # systemd.socket(5): ListenStream= takes no host names
+            raise UnitError(f"--listen {text}: ListenStream= takes a numeric address, not a host name; "
+                            f"use 127.0.0.1:{addr.port} or [::1]:{addr.port} (repeat --listen for both)")
         if addr.family == socket.AF_UNIX:
             lines.append(f"ListenStream={addr.path}")
             if addr.mode is not None:
