@@ -112,3 +112,18 @@ def systemd_factory(_sdns_session):
     yield make
     for ns in made:
         ns.stop()  # idempotent: a no-op for those already left by their `with`
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(*argv) -> a real master (procs.Master) in tmp_path, closed after the test."""
+    from procs import Master
+    masters = []
+
+    def _start(*args, **kw):
+        m = Master(tmp_path, *args, **kw)
+        masters.append(m)
+        return m
+    yield _start
+    for m in masters:
+        m.close()

@@ -39,11 +39,13 @@ CLIENTS = ThreadPoolExecutor(max_workers=16)   # HTTP clients beside the test; .
 class Hammer:
     """Sequential GETs on new connections, and on `keepalive` keep-alive connections, until check()."""
 
-    def __init__(self, port: int, keepalive: int = 1):
-        self.port, self.done = port, threading.Event()
+    def __init__(self, port: int, keepalive: int = 1, context=None, new_connection=None):
+        """With an ssl.SSLContext as `context`, HTTPS; `new_connection` is then the
+        (status, body) of one request on a new connection."""
+        self.port, self.done, self.context = port, threading.Event(), context
         self.failures: list[str] = []
         self.seen: collections.Counter[str] = collections.Counter()   # "release rN" -> answers
-        self.clients = [CLIENTS.submit(self._loop, "new-connection", lambda: get(port)),
+        self.clients = [CLIENTS.submit(self._loop, "new-connection", new_connection or (lambda: get(port))),
                         *(CLIENTS.submit(self._keepalive) for _ in range(keepalive))]
 
     def _loop(self, name: str, request) -> None:
@@ -56,7 +58,8 @@ class Hammer:
             self.seen[body.split(" pid")[0] if status == 200 else f"HTTP {status}"] += 1
 
     def _keepalive(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn = (http.client.HTTPConnection("127.0.0.1", self.port, timeout=10) if self.context is None
+                else http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10, context=self.context))
 
         def request():   # http.client reconnects by itself after a "Connection: close"
             try:

@@ -13,24 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
-from procs import Master, accepted, alive, children, cmdline, cpu_seconds, free_port, get
+from procs import accepted, alive, children, cmdline, cpu_seconds, free_port, get
 
 PROGRAMS = Path(__file__).parent / "programs"
-
-
-@pytest.fixture
-def start(tmp_path):
-    masters = []
-
-    def _start(*args, **kw):
-        m = Master(tmp_path, *args, **kw)
-        masters.append(m)
-        return m
-    yield _start
-    for m in masters:
-        m.close()
 
 
 def write_config(tmp_path: Path, body: str) -> Path:

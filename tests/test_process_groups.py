@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from handover_fixtures import poll
 from procs import VENV_BIN, Master, alive, children, free_port, get
 
 PROGRAMS = Path(__file__).parent / "programs"
@@ -49,15 +50,6 @@ def start(tmp_path):
 
 def toml_list(*argv) -> str:
     return json.dumps([str(a) for a in argv])   # a JSON list of strings is a TOML array too
-
-
-def poll(probe, timeout: float = 15.0, what: str = "condition"):
-    """probe()'s first truthy value; for what nothing announces to the test (a process's end)."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.01)
-    return value
 
 
 def descendants(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cadenza.control.server import ControlError, bind_socket
-from procs import CADENZA, VENV_BIN, Master, cmdline, free_port, get
+from procs import CADENZA, VENV_BIN, cmdline, free_port, get
 
 PROGRAMS = Path(__file__).parent / "programs"
 NOBODY = 65534
@@ -30,19 +30,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body.encode()]
 '''
-
-
-@pytest.fixture
-def start(tmp_path):
-    masters = []
-
-    def _start(*args, **kw):
-        m = Master(tmp_path, *args, **kw)
-        masters.append(m)
-        return m
-    yield _start
-    for m in masters:
-        m.close()
 
 
 def own_control(tmp_path: Path) -> str:
