@@ -45,8 +45,9 @@ def https_get(port: int, context: ssl.SSLContext) -> tuple[int, str, str]:
     conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
     try:
         conn.request("GET", "/")
+        version = conn.sock.version()   # before the response: a "Connection: close" one drops conn.sock
         resp = conn.getresponse()
-        return resp.status, resp.read().decode(), conn.sock.version()
+        return resp.status, resp.read().decode(), version
     finally:
         conn.close()
 
