@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cadenza import config
+from cadenza import config, runtime
 from cadenza.config import ConfigError, Readiness
 from cadenza.trust import config_problems
 
@@ -813,7 +813,7 @@ def test_name_and_control_socket_flags(tmp_path):
     cfg = config.override(config.defaults(), name="other")
     assert cfg.control_socket == Path("/run/cadenza/other/control.sock")
     cfg = config.override(base(tmp_path), control_socket="/tmp/x/c.sock")
-    assert cfg.control.socket == Path("/tmp/x/c.sock") and config.run_control_socket(cfg) == Path("/tmp/x/c.sock")
+    assert cfg.control.socket == Path("/tmp/x/c.sock") and runtime.run_control_socket(cfg) == Path("/tmp/x/c.sock")
 
 
 def test_run_flags_reach_the_config(tmp_path, monkeypatch):
@@ -860,7 +860,7 @@ def as_nobody(tmp_path, probe, env: dict | None = None) -> str:
 def test_control_socket_of_a_user_that_cannot_write_run(tmp_path):
     name = f"t{os.getpid()}"
     cfg = config.override(config.defaults(), name=name)
-    assert config.run_control_socket(cfg) == Path(f"/run/cadenza/{name}/control.sock")   # root
+    assert runtime.run_control_socket(cfg) == Path(f"/run/cadenza/{name}/control.sock")   # root
     with tempfile.TemporaryDirectory(prefix="cadenza-test-xdg-", dir="/tmp") as xdg:   # nobody reaches it
         os.chown(xdg, 65534, 65534)
         user_runtime_paths(tmp_path, cfg, Path(xdg))
@@ -868,14 +868,14 @@ def test_control_socket_of_a_user_that_cannot_write_run(tmp_path):
 
 def user_runtime_paths(tmp_path: Path, cfg: config.Config, xdg: Path) -> None:
     name = cfg.app.name
-    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
+    assert as_nobody(tmp_path, lambda: runtime.run_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
         f"{xdg}/cadenza/{name}/control.sock"
     # Without it, or with one that is not this user's: /tmp/cadenza-UID (bind_socket makes it 0700).
-    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg)) == f"/tmp/cadenza-65534/cadenza/{name}/control.sock"
-    assert as_nobody(tmp_path, lambda: config.run_control_socket(cfg), {"XDG_RUNTIME_DIR": "/tmp"}) == \
+    assert as_nobody(tmp_path, lambda: runtime.run_control_socket(cfg)) == f"/tmp/cadenza-65534/cadenza/{name}/control.sock"
+    assert as_nobody(tmp_path, lambda: runtime.run_control_socket(cfg), {"XDG_RUNTIME_DIR": "/tmp"}) == \
         f"/tmp/cadenza-65534/cadenza/{name}/control.sock"
     explicit = config.override(cfg, control_socket="/srv/x/c.sock")
-    assert as_nobody(tmp_path, lambda: config.run_control_socket(explicit)) == "/srv/x/c.sock"
+    assert as_nobody(tmp_path, lambda: runtime.run_control_socket(explicit)) == "/srv/x/c.sock"
     # A client run as that user looks where such a master would be.
-    assert as_nobody(tmp_path, lambda: config.find_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
+    assert as_nobody(tmp_path, lambda: runtime.find_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
         f"{xdg}/cadenza/{name}/control.sock"

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cadenza.control import server as S
+from cadenza.control.socketfile import bind_socket
 from cadenza.control.protocol import DENIED, OK, UNREACHABLE, USAGE
 from cadenza.daemon.loop import Loop
 from cadenza.tools import supervisorctl as ctl_tool
@@ -102,7 +103,7 @@ class Harness:
         self.path = path
         self.started: queue.SimpleQueue = queue.SimpleQueue()
         self.loop = Loop()
-        self.sock = S.bind_socket(path)
+        self.sock = bind_socket(path)
         os.chmod(path, 0o666)   # past the file mode, SO_PEERCRED decides
         self.server = S.ControlServer(self.loop, self.sock, S.Access(status_groups=status_groups), self._command)
         self.lt = LoopThread(self.loop)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cadenza.control.server import ControlError, bind_socket
+from cadenza.control.socketfile import ControlError, bind_socket
 from procs import CADENZA, VENV_BIN, cmdline, free_port, get
 
 PROGRAMS = Path(__file__).parent / "programs"

@@ -12,9 +12,10 @@ import os
 import setproctitle
 
 from .. import config as C
-from .. import exitcodes, logs
+from .. import exitcodes, logs, runtime
 from ..control import commands
-from ..control.server import Access, ControlError, ControlServer, bind_socket
+from ..control.server import Access, ControlServer
+from ..control.socketfile import ControlError, bind_socket
 from ..listeners import ListenerError, adopt_from_env, bind_all, unix_paths
 from ..notify import Notifier
 from ..trust import config_problems
@@ -62,8 +63,8 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
     control_owned = control is None or "control" in owned
     if control is None:
         try:
-            path = C.run_control_socket(cfg)
-            private = C.tmp_runtime_dir()
+            path = runtime.run_control_socket(cfg)
+            private = runtime.tmp_runtime_dir()
             control = bind_socket(path, private if private in path.parents else None)
         except ControlError as exc:
             # Without it neither `systemctl reload` nor supervisorctl could reach this master.

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .. import config as C
+from .. import runtime
 from ..control.protocol import DENIED, FAILED, OK, UNREACHABLE, USAGE, BadAnswer, encode, parse_event
 
 EPILOG = """exit codes: 0 done; 1 the operation failed (for upgrade: the old generation is still
@@ -62,7 +63,7 @@ def socket_path(args) -> Path:
         return Path(args.socket)
     if args.config:
         try:
-            return C.find_control_socket(C.load(args.config))
+            return runtime.find_control_socket(C.load(args.config))
         except C.ConfigError as exc:
             raise Failure(USAGE, f"cannot read the control socket from {args.config}:\n{exc}") from None
     if args.unit:
@@ -73,10 +74,10 @@ def socket_path(args) -> Path:
     found = C.discover(None)
     if found is not None:
         try:
-            return C.find_control_socket(C.load(found))
+            return runtime.find_control_socket(C.load(found))
         except C.ConfigError as exc:
             raise Failure(USAGE, f"cannot read the control socket from {found}:\n{exc}") from None
-    return C.find_control_socket(C.defaults())
+    return runtime.find_control_socket(C.defaults())
 
 
 CONNECT_TIMEOUT = 10.0   # how long connect() waits while the master's accept queue is full
