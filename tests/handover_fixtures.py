@@ -97,10 +97,8 @@ def site(systemd, request):
     return make_site(systemd, **getattr(request, "param", {}))
 
 
-def make_site(systemd, **settings) -> AppRoot:
-    """The `site` fixture's work, with AppRoot's settings (upgrade_timeout=...) for all releases."""
-    app = AppRoot(systemd.state, APP, free_port(), **settings)
-    app.deploy("r1")
+def start_site(systemd, app: AppRoot) -> AppRoot:
+    """`app`, with r1 deployed, pinned, its units written and started; r1 answers."""
     app.pin()
     for name, text in app.units().items():
         systemd.write_unit(name, text)
@@ -108,6 +106,13 @@ def make_site(systemd, **settings) -> AppRoot:
     systemd.systemctl("start", f"{APP}.socket", UNIT, check=True)
     assert answer(app) == "release r1"
     return app
+
+
+def make_site(systemd, **settings) -> AppRoot:
+    """The `site` fixture's work, with AppRoot's settings (upgrade_timeout=...) for all releases."""
+    app = AppRoot(systemd.state, APP, free_port(), **settings)
+    app.deploy("r1")
+    return start_site(systemd, app)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import handover_fixtures
 from deploy import AppRoot
-from handover_fixtures import APP, UNIT, answer, masters, poll, proc_state, unit_procs
+from handover_fixtures import APP, UNIT, masters, poll, proc_state, start_site, unit_procs
 from osfaults import TaskLimit
 from procs import free_port
 
@@ -59,13 +59,7 @@ def make_site(ns, **settings) -> AppRoot:
     recipe, with the ASGI app)."""
     app = AppRoot(ns.state, APP, free_port(), **settings)
     deploy(app, "r1")
-    app.pin()
-    for name, text in app.units().items():
-        ns.write_unit(name, text)
-    ns.systemctl("daemon-reload", check=True)
-    ns.systemctl("start", f"{APP}.socket", UNIT, check=True)
-    assert answer(app) == "release r1"
-    return app
+    return start_site(ns, app)
 
 
 class Gate:

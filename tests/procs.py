@@ -186,3 +186,16 @@ def accepted(port: int, client_port: int) -> bool:
         if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port:
             return f[9] != "0"
     return False
+
+
+def self_signed(directory: Path, subject_alt_name: str) -> tuple[Path, Path]:
+    """A self-signed certificate (cert.pem) and its key (key.pem) in `directory`, for
+    `subject_alt_name` ("DNS:localhost", "IP:127.0.0.1"), with the key usage that Python 3.13's
+    strict X.509 checks ask of a CA certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-days", "1", "-addext", f"subjectAltName={subject_alt_name}",
+                    "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

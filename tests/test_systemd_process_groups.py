@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from deploy import AppRoot
-from handover_fixtures import APP, UNIT, Hammer, answer, journal_has, main_pid, poll, unit_procs
+from handover_fixtures import APP, Hammer, answer, journal_has, main_pid, poll, start_site, unit_procs
 from procs import alive, children, free_port
 
 HTTPWORKER = Path(__file__).resolve().parent / "programs" / "httpworker.py"
@@ -65,13 +65,8 @@ def ignores_term(pid: int) -> bool:
 def test_reload_leaves_nothing_of_a_wrapper_and_readiness_comes_from_its_child_as_nobody(systemd):
     site = AppRoot(systemd.state, APP, free_port(), graceful_timeout=2)
     wrapped(site, "r1")
-    site.pin()
-    for name, text in site.units().items():
-        systemd.write_unit(name, text)
-    systemd.systemctl("daemon-reload", check=True)
     # Active means ready: every worker's READY=1 came from its wrapper's child, as nobody.
-    systemd.systemctl("start", f"{APP}.socket", UNIT, check=True)
-    assert answer(site) == "release r1"
+    start_site(systemd, site)
     hammer = Hammer(site.port)
     _, master = main_pid(systemd)
     # Gen 1: the master, and per worker the wrapper with its server and its helper.

@@ -10,23 +10,16 @@ import http.client
 import json
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 from deploy import AppRoot
 from handover_fixtures import APP, UNIT, Hammer, status
-from procs import free_port
+from procs import free_port, self_signed
 
 
 def certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key, under `directory`."""
-    directory.mkdir(parents=True)
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
-                    "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
+    return self_signed(directory, "IP:127.0.0.1")
 
 
 def tls(cert: Path, key: Path) -> str:

@@ -27,6 +27,7 @@ import pytest
 
 from cadenza.worker.wsgi import SPOOL_MEMORY
 
+from procs import self_signed
 from worker_harness import ENGINES, REQUEST, Reply, Worker, clean_eof
 
 APPS = '''\
@@ -386,13 +387,7 @@ def test_root_path_gives_frameworks_their_mount_prefix(start, framework, expecte
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                    "-days", "1", "-addext", "subjectAltName=DNS:localhost",
-                    "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"), "DNS:localhost")
 
 
 def test_tls_on_the_inherited_listener(start, engine, certificate):
