@@ -26,7 +26,8 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from cadenza.worker.app import IDLE_GRACE, LINGER, DrainingH11Protocol
+from cadenza.worker.drain import IDLE_GRACE, LINGER
+from cadenza.worker.h11_protocol import DrainingH11Protocol
 from cadenza.worker.httptools_protocol import DrainingHttpToolsProtocol
 
 from worker_harness import ENGINES, REQUEST, SUCCESSOR, Reply, Worker, clean_eof

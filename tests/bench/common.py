@@ -33,7 +33,8 @@ PYTHON = str(VENV_BIN / "python")
 WRK = "wrk"
 
 # The ASGI face of the very same WSGI app (tests/deploy.py's APP, written as app.py by AppRoot):
-# a2wsgi, as cadenza's built-in worker does it, so uvicorn and cadenza run the same stack.
+# a2wsgi, so that uvicorn's Multiprocess supervisor serves it too (these benchmarks measure
+# reloads and footprint; the request path has its own, tests/bench/engine.py).
 ASGI = "from a2wsgi import WSGIMiddleware\nfrom app import app as wsgi\napp = WSGIMiddleware(wsgi)\n"
 
 

@@ -29,16 +29,13 @@ from uvicorn.lifespan.on import LifespanOn
 
 from .. import logs
 from ..config import HttpSection
-from ..exitcodes import WORKER_APP_ERROR
+from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
-from .drain import IDLE_GRACE, LINGER, PARTIAL_GRACE, Draining  # noqa: F401 - the drain's knobs
-from .h11_protocol import DrainingH11Protocol  # noqa: F401 - the fallback engine, and for tests
+from .drain import Draining
+from .h11_protocol import DrainingH11Protocol
 
 log = logging.getLogger("cadenza.worker")
-
-EXIT_APP_ERROR = WORKER_APP_ERROR
-EXIT_USAGE = 64
 
 
 class StartupFailed(Exception):
@@ -112,7 +109,7 @@ def engine(settings: HttpSection) -> tuple[type, str]:
     loop = "asyncio"
     if settings.loop in ("auto", "uvloop"):
         try:
-            import uvloop  # noqa: F401
+            import uvloop  # noqa: F401 - only whether it imports
             loop = "uvloop"
         except ImportError as exc:
             if settings.loop == "uvloop":
@@ -144,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     setproctitle.setproctitle(f"cadenza worker {worker_id} gen {generation} [{name}]")
     if len(argv) != 1:
         log.error("usage: python -m cadenza.worker.app MODULE:OBJECT")
-        return EXIT_USAGE
+        return USAGE
     notifier = Notifier.from_environ()
     try:
         sockets = [listener.sock for listener in adopt_from_env()]
     except ListenerError as exc:
         log.error("%s", exc)
-        return EXIT_USAGE
+        return USAGE
     if not sockets:
         log.error("no listening sockets: this program is started by cadenza with LISTEN_FDS set")
-        return EXIT_USAGE
+        return USAGE
     sys.path.insert(0, os.getcwd())
     try:
         settings = http_settings()
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupFailed as exc:
         log.error("%s", exc)
         notifier.send(status=str(exc))
-        return EXIT_APP_ERROR
+        return WORKER_APP_ERROR
 
 
 def uvicorn_config(app, settings: HttpSection) -> uvicorn.Config:
