@@ -89,6 +89,24 @@ class Worker:
             pass
         return any(field in message.split("\n") for message in self.messages)
 
+    def values(self, name: str) -> list[str]:
+        """Every value the worker sent for the notify field `name` (such as "CADENZA_REQUESTS"), in order."""
+        while self._receive(0):
+            pass
+        return [line[len(name) + 1:] for message in self.messages for line in message.split("\n")
+                if line.startswith(name + "=")]
+
+    def wait_notified(self, field: str, timeout: float = 15) -> float:
+        """Wait until the worker has sent the line `field` (any value when it ends with "="); the
+        time.monotonic() it was read at."""
+        deadline = time.monotonic() + timeout
+        while not (self.values(field[:-1]) if field.endswith("=") else self.notified(field)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the worker never sent {field!r} (it sent {self.messages}):\n{self.log()}")
+            self._receive(left)
+        return time.monotonic()
+
     def statuses(self) -> list[str]:
         """Every STATUS= the worker sent so far, in order."""
         while self._receive(0):

@@ -8,12 +8,22 @@ otherwise, or what `[http] protocol` and `loop` ask for; both engines drain the 
 generation's NOTIFY_SOCKET once the ASGI lifespan startup has completed and the server listens;
 a startup that fails ends the worker with exit 3 and its reason in STATUS=.
 
-The `[http]` settings arrive as the JSON object CADENZA_HTTP (config.http_environment).
+The `[http]` settings arrive as the JSON object CADENZA_HTTP (config.http_environment). What one
+worker process needs of its own is set up in serve(), which a preloader's forked child calls too
+(preloader.py): faulthandler on every thread (the master's SIGABRT before it kills a silent worker
+dumps every thread's stack to stderr), the request count sent as CADENZA_REQUESTS= (report.py) and,
+with CADENZA_TIMEOUT, the request timeouts and their monitor thread (timeouts.py).
+
+The drain is event-driven: a stop signal wakes the loop at once (uvicorn polls should_exit every
+0.1 s and sleeps 0.1 s more in its shutdown), and the shutdown goes on the moment the last
+connection ends and the last request's task is done, so an idle worker exits within milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import gc
 import importlib
 import inspect
 import json
@@ -34,8 +44,12 @@ from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
 from .drain import Draining
 from .h11_protocol import DrainingH11Protocol
+from .report import RequestCount
+from .timeouts import Timeouts
 
 log = logging.getLogger("cadenza.worker")
+uvicorn_log = logging.getLogger("uvicorn.error")
+RECHECK = 1.0   # seconds: the drain looks again (a WebSocket's end does not wake it, an HTTP one's does)
 
 
 class StartupFailed(Exception):
@@ -61,11 +75,21 @@ class RecordingLifespan(LifespanOn):
 
 
 class NotifyingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, notifier: Notifier):
+    def __init__(self, config: uvicorn.Config, notifier: Notifier, max_requests: int = 0,
+                 timeouts: Timeouts | None = None):
         super().__init__(config)
         self.notifier = notifier
+        self.max_requests, self.timeouts = max_requests, timeouts
+        self.server_state = RequestCount(notifier)   # before the first connection
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Future | None = None
 
     async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.server_state.start(self._loop, self.max_requests)
+        self.server_state.drained = self._wake
+        if self.timeouts is not None:
+            self.timeouts.start(self._loop)
         await super().startup(sockets=sockets)
         if not self.should_exit:
             self.notifier.send(ready=1, status="serving")
@@ -73,9 +97,69 @@ class NotifyingServer(uvicorn.Server):
             if usec.isdigit() and int(usec) > 0:
                 self._ping(int(usec) / 2e6)
 
+    def handle_exit(self, sig, frame) -> None:
+        # uvicorn's signal handler (signal.signal: it runs in the main thread between two
+        # bytecodes, and only sets a flag). The loop may sleep in epoll until its next timer:
+        # wake it, from here the way another thread would.
+        super().handle_exit(sig, frame)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:   # the loop has closed
+                pass
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _sleep(self, seconds: float, *also) -> None:
+        """Until _wake(), `seconds`, or one of `also` (tasks) is done."""
+        loop = asyncio.get_running_loop()
+        self._wakeup = loop.create_future()
+        timer = loop.call_later(seconds, self._wake)
+        try:
+            await asyncio.wait([self._wakeup, *also], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+
+    async def main_loop(self) -> None:
+        # uvicorn's on_tick(0) refreshes the Date header; once a second, as uvicorn does.
+        while not await self.on_tick(0):
+            await self._sleep(1.0)
+
     async def shutdown(self, sockets=None) -> None:
+        """uvicorn's shutdown, without its fixed sleep and its 0.1 s polls."""
         Draining.server_draining = True
-        await super().shutdown(sockets=sockets)
+        uvicorn_log.info("Shutting down")
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        try:
+            await asyncio.wait_for(self._drain(), timeout=self.config.timeout_graceful_shutdown)
+        except TimeoutError:
+            uvicorn_log.error("Cancel %s running task(s), timeout graceful shutdown exceeded",
+                              len(self.server_state.tasks))
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        self.server_state.report()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def _drain(self) -> None:
+        state = self.server_state
+        if state.connections and not self.force_exit:
+            uvicorn_log.info("Waiting for connections to close.")
+        while state.connections and not self.force_exit:
+            await self._sleep(RECHECK)
+        if state.tasks and not self.force_exit:
+            uvicorn_log.info("Waiting for background tasks to complete.")
+        while state.tasks and not self.force_exit:
+            await self._sleep(RECHECK, *state.tasks)
+        for server in self.servers:
+            await server.wait_closed()
 
     def _ping(self, interval: float) -> None:
         # From the event loop itself: a loop that is stuck (or a stopped process) stops pinging.
@@ -159,14 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - any import-time error of the app is reported the same way
             raise StartupFailed(f"cannot load app {argv[0]!r} from {os.getcwd()}: "
                                 f"{type(exc).__name__}: {exc}") from exc
-        return serve(app, sockets, notifier, settings)
+        code = serve(app, sockets, notifier, settings)
     except StartupFailed as exc:
         log.error("%s", exc)
         notifier.send(status=str(exc))
         return WORKER_APP_ERROR
+    # Drained. The interpreter's exit would now collect garbage through every object the
+    # application and its imports made: tens of milliseconds, a few hundred on a loaded machine,
+    # while the master waits for the worker's exit. Frozen, they are only released by their
+    # reference counts: atexit handlers still run and open files are flushed and closed; what is
+    # left in reference cycles is not collected (nor its __del__ run, which Python does not
+    # promise at exit anyway).
+    gc.freeze()
+    return code
 
 
-def uvicorn_config(app, settings: HttpSection) -> uvicorn.Config:
+def uvicorn_config(app, settings: HttpSection, timeouts: Timeouts | None = None) -> uvicorn.Config:
     protocol, loop = engine(settings)
     asgi = is_asgi(app)
     if not asgi:
@@ -175,6 +267,8 @@ def uvicorn_config(app, settings: HttpSection) -> uvicorn.Config:
     if settings.proxy_headers:
         from .proxy import ProxyHeaders
         app = ProxyHeaders(app, settings.forwarded_allow_ips)
+    if timeouts is not None:
+        app = timeouts.wrap(app)
     graceful = float(os.environ.get("CADENZA_GRACEFUL_TIMEOUT", "30"))
     config = uvicorn.Config(
         app, http=protocol, loop=loop, interface="asgi3",
@@ -201,9 +295,28 @@ def uvicorn_config(app, settings: HttpSection) -> uvicorn.Config:
     return config
 
 
+def _number(environ, name: str, kind: type, what: str):
+    raw = environ.get(name, "").strip()
+    try:
+        value = kind(raw) if raw else kind(0)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):   # NaN too
+        raise StartupFailed(f"{name}={raw!r} is not {what}; cadenza sets it from the release's "
+                            f"cadenza.toml: check [workers] there")
+    return value
+
+
 def serve(app, sockets: list[socket.socket], notifier: Notifier, settings: HttpSection | None = None) -> int:
-    config = uvicorn_config(app, settings or HttpSection())
-    server = NotifyingServer(config, notifier)
+    """Serve `app` (loaded already) on `sockets` until a stop signal; 0 once drained. Everything of
+    this process is set up here, not at import: a preloader's forked child calls it too, after
+    setting its own CADENZA_* variables in os.environ."""
+    faulthandler.enable(file=2, all_threads=True)   # fd 2: whatever the application made of sys.stderr
+    timeout = _number(os.environ, "CADENZA_TIMEOUT", float, "a number of seconds (workers.timeout)")
+    limit = _number(os.environ, "CADENZA_MAX_REQUESTS", int, "a count of requests (workers.max_requests)")
+    timeouts = Timeouts(timeout, notifier) if timeout > 0 else None
+    config = uvicorn_config(app, settings or HttpSection(), timeouts)
+    server = NotifyingServer(config, notifier, limit, timeouts)
     # Until uvicorn installs its own handlers (inside run()), a stop signal must not be lost;
     # afterwards uvicorn re-raises it once it has shut down, and this handler turns that into a
     # plain exit 0, so the master sees a clean exit rather than a death by signal.
@@ -213,6 +326,9 @@ def serve(app, sockets: list[socket.socket], notifier: Notifier, settings: HttpS
         server.run(sockets=sockets)
     except SystemExit:
         pass   # uvicorn's way out when the lifespan startup failed (or was unsupported with "on")
+    finally:
+        if timeouts is not None:
+            timeouts.stop()
     lifespan = getattr(server, "lifespan", None)
     if not server.started and lifespan is not None and lifespan.should_exit:
         failure = getattr(lifespan, "failure", "") or "the application reported it"

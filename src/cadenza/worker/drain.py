@@ -18,6 +18,9 @@ A client that half-closes (sends its request, then shuts down its write side) st
 response: `eof_received` keeps the write side open while a request is answered, and the
 connection closes after that response.
 
+The server's shutdown (app.py) does not poll for the end: the last connection of a draining
+server to end calls its state's `drained` (report.py), and the shutdown goes on at once.
+
 `Draining` is a mixin placed before uvicorn's protocol class. The engine-specific parts are
 `response_in_flight()`, `_arriving()` (a request partly received) and `_end_of_input()`.
 """
@@ -171,6 +174,10 @@ class Draining:
             self._log("%s: discarded %d byte(s) that arrived after the close", self._peer(), self.discarded)
         self._unset_keepalive_if_required()
         super().connection_lost(exc)
+        if Draining.server_draining and not self.connections:
+            drained = getattr(self.server_state, "drained", None)   # report.RequestCount's
+            if drained is not None:
+                drained()   # the last connection of a draining server: its shutdown goes on now
 
     def on_response_complete(self) -> None:
         self._closing_transport.flush()

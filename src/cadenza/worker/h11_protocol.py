@@ -50,7 +50,9 @@ class DrainingH11Protocol(Draining, H11Protocol):
                                                              or not cycle.keep_alive):
                 # h11 sees the header, answers with "Connection: close" and ends the connection.
                 cycle.keep_alive = False
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                headers = message.get("headers", [])
+                if not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
         cycle.send = send_closing_when_draining
 

@@ -7,16 +7,23 @@ a list or tuple, which is what most frameworks return, comes back in the same ho
 one write with a Content-Length; any other iterable is streamed, one pool hop per chunk, so a
 generator or a file wrapper never sits in memory whole, and it stops when the client goes away.
 The iterable's close() is always called, in the pool, as PEP 3333 requires.
+
+The pool's threads are daemons: a view abandoned after workers.timeout answered its request 504
+(timeouts.py) may still run when the worker exits, and the exit does not wait for it. With
+workers.timeout set, each hop runs through the request's `run`, which names the thread serving it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
+import queue
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Executor, Future
 
 log = logging.getLogger("cadenza.worker")
 
@@ -74,7 +81,7 @@ class WSGIAdapter:
     def __init__(self, app, threads: int) -> None:
         self.app = app
         self.threads = threads
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        self.executor = DaemonPool(threads, "wsgi")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":     # WSGI has no lifespan and no WebSocket
@@ -83,8 +90,10 @@ class WSGIAdapter:
             return
         body = await self._read_body(receive)
         loop = asyncio.get_running_loop()
+        request = scope.get("cadenza.request")     # timeouts.Request, with workers.timeout set
+        start = self._start if request is None else functools.partial(request.run, self._start)
         status, headers, chunks, iterator = await loop.run_in_executor(
-            self.executor, self._start, _environ(scope, body))
+            self.executor, start, _environ(scope, body))
         if iterator is None:
             content = b"".join(chunks)
             if not any(name == b"content-length" for name, _ in headers):
@@ -92,7 +101,10 @@ class WSGIAdapter:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
             return
-        await self._stream(loop, status, headers, chunks, iterator, receive, send)
+        step, finish = iterator.next, iterator.close
+        if request is not None:
+            step, finish = functools.partial(request.run, step), functools.partial(request.run, finish)
+        await self._stream(loop, status, headers, chunks, step, finish, receive, send)
 
     async def _read_body(self, receive):
         message = await receive()
@@ -146,7 +158,7 @@ class WSGIAdapter:
             return response.status, response.headers, chunks, None
         return response.status, response.headers, chunks, _Iteration(result, iterator)
 
-    async def _stream(self, loop, status, headers, chunks, iteration, receive, send) -> None:
+    async def _stream(self, loop, status, headers, chunks, step, finish, receive, send) -> None:
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -154,7 +166,7 @@ class WSGIAdapter:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             while not gone.done():
-                chunk = await loop.run_in_executor(self.executor, iteration.next)
+                chunk = await loop.run_in_executor(self.executor, step)
                 if chunk is _END:
                     await send({"type": "http.response.body", "body": b""})
                     return
@@ -163,7 +175,7 @@ class WSGIAdapter:
             log.debug("the client left during a streamed response; its iterable is closed")
         finally:
             gone.cancel()
-            await loop.run_in_executor(self.executor, iteration.close)
+            await loop.run_in_executor(self.executor, finish)
 
 
 class _Iteration:
@@ -180,6 +192,62 @@ class _Iteration:
 async def _disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class DaemonPool(Executor):
+    """ThreadPoolExecutor's scheduling (a thread is started only when none is idle, up to
+    `size`) with daemon threads, which the interpreter's exit does not join."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self.size, self.name = size, name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new work after shutdown")
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        if not self._idle.acquire(timeout=0):
+            with self._lock:
+                if len(self._threads) < self.size:
+                    thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}",
+                                              daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+                    future.set_exception(exc)
+                    del exc
+                else:
+                    future.set_result(result)
+                    del result
+            del future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
 
 
 def _close(result) -> None:

@@ -1,0 +1,62 @@
+"""What the built-in worker counts for its master: CADENZA_REQUESTS=<n> (DESIGN.md 4.4).
+
+Both engines count a completed response where uvicorn does, `server_state.total_requests += 1`
+(httptools_protocol.py, drain.py and uvicorn's h11 protocol). `RequestCount` is that server state,
+with `total_requests` a property: the increment costs one attribute store and two comparisons, and
+nothing else unless a report is due. The first completion after a report arms one loop timer, and
+the count goes to NOTIFY_SOCKET when it fires: at most once a second, and no wake-up while idle.
+The count that reaches CADENZA_MAX_REQUESTS (this worker's limit, max_requests + its jitter) is
+sent at once. The worker serves on after its limit; the master retires it, make-before-break.
+
+The state also carries the drain's wake-up: `drained`, called by a draining connection when it was
+the last one (drain.py), so that the server's shutdown waits on an event, not a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from uvicorn.server import ServerState
+
+REPORT_INTERVAL = 1.0   # seconds between two CADENZA_REQUESTS reports, at least
+
+
+class RequestCount(ServerState):
+    limit = -1              # CADENZA_MAX_REQUESTS; -1: none
+    _quiet = True           # no timer to arm: one is armed, or reports are off (not started, no socket)
+    drained: Callable[[], None] | None = None
+
+    def __init__(self, notifier) -> None:
+        self.notifier = notifier
+        self._count = self._reported = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__()
+
+    @property
+    def total_requests(self) -> int:
+        return self._count
+
+    @total_requests.setter
+    def total_requests(self, value: int) -> None:
+        self._count = value
+        if not self._quiet:
+            self._quiet = True
+            self._loop.call_later(REPORT_INTERVAL, self._due)
+        if value == self.limit:
+            self.report()
+
+    def start(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self._loop = loop
+        self.limit = limit if limit > 0 else -1
+        self._quiet = not self.notifier.enabled
+
+    def _due(self) -> None:
+        self._quiet = False
+        self.report()
+
+    def report(self) -> None:
+        """Send the count now, if it changed since the last report."""
+        if self._count != self._reported:
+            self._reported = self._count
+            self.notifier.send(cadenza_requests=self._count)
