@@ -142,7 +142,8 @@ class Master:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            for worker in children(self.pid):   # each leads a process group of its own
+            # Each worker leads a process group of its own; with preload they are the preloader's.
+            for worker in descendants(self.pid):
                 try:
                     os.killpg(worker, signal.SIGKILL)
                 except OSError:   # gone, or a fork that is no group's leader (yet)
@@ -160,6 +161,13 @@ def children(pid: int) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(p) for p in text.split()]
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
 
 
 def cmdline(pid: int) -> str:

@@ -81,3 +81,22 @@ def test_after_mainpid_nothing_stops_the_successor():
 
 def test_only_serving_states_are_main():
     assert {s for s in State if s.main} == {State.SERVING, State.TAKING_OVER, State.UPGRADING}
+
+
+def test_only_a_serving_generation_recycles_its_workers():
+    obeys = {s for s in State if decide(s, Event.RECYCLE) == "recycle"}
+    assert obeys == {State.SERVING, State.TAKING_OVER}
+    # An upgrading generation is about to be replaced whole; a leaving one only drains.
+    assert isinstance(decide(State.UPGRADING, Event.RECYCLE), Ignore)
+
+
+def test_a_preloader_is_replaced_only_where_workers_may_still_be_started():
+    assert decide(State.STARTING, Event.PRELOADER_GONE) == "preloader_lost_at_start"
+    for state in (State.SERVING, State.TAKING_OVER, State.UPGRADING, State.STANDBY, State.APPOINTED):
+        assert decide(state, Event.PRELOADER_GONE) == "restart_preloader", state
+    for state in (State.COMMITTED, State.LEAVING, State.STOPPING):
+        assert isinstance(decide(state, Event.PRELOADER_GONE), Ignore)
+        assert isinstance(decide(state, Event.PRELOADER_READY), Ignore)
+    # Workers forked from a replaced preloader are rolled onto the new one only while serving.
+    assert {s for s in State if decide(s, Event.PRELOADER_READY) == "preloader_replaced"} == \
+        {State.SERVING, State.TAKING_OVER}

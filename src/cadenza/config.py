@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cadenza.validate import (MAX_CONCURRENCY, MAX_WORKERS, MAX_WSGI_THREADS, ConfigError, Readiness,
-                              Validator, _absolute_path, _addresses, _app_name, _app_spec, _boolean,
+from cadenza.validate import (MAX_CONCURRENCY, MAX_MEMORY_MB, MAX_REQUESTS, MAX_WORKERS, MAX_WSGI_THREADS,
+                              ConfigError, Readiness, Validator, _absolute_path, _addresses, _app_name, _app_spec, _boolean,
                               _check_addresses, _choice, _environment, _forwarded_ips, _integer, _readiness,
                               _Report, _root_path, _seconds, _seconds_or_off, _show, _socket_path,
                               _string_list, _suggest, _tls_file)
@@ -55,6 +55,12 @@ class WorkersSection:
     graceful_timeout: float = 30.0
     watchdog: float = 0.0        # seconds without WATCHDOG=1 before a worker is replaced; 0: off
     env: tuple[tuple[str, str], ...] = ()   # [workers.env]: added to every worker's environment
+    preload: bool = False        # one preloader per generation imports the app and forks the workers
+    max_requests: int = 0        # recycle a worker after this many requests (+ 0..jitter); 0: off
+    max_requests_jitter: int = 0
+    max_lifetime: float = 0.0    # seconds a worker serves before it is recycled; 0: off
+    max_memory: int = 0          # MB of a worker's unique memory (USS) before it is recycled; 0: off
+    timeout: float = 0.0         # seconds a request may run (built-in worker); 0: off
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,10 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     "workers": {"count": _integer(1, MAX_WORKERS), "app": _app_spec,
                 "command": _string_list("the program and its arguments", allow_empty=False),
                 "ready": _readiness, "ready_timeout": _seconds, "graceful_timeout": _seconds,
-                "watchdog": _seconds_or_off, "env": _environment},
+                "watchdog": _seconds_or_off, "env": _environment, "preload": _boolean,
+                "max_requests": _integer(0, MAX_REQUESTS), "max_requests_jitter": _integer(0, MAX_REQUESTS),
+                "max_lifetime": _seconds_or_off, "max_memory": _integer(0, MAX_MEMORY_MB),
+                "timeout": _seconds_or_off},
     "upgrade": {"timeout": _seconds},
     "control": {"socket": _socket_path,
                 "allow_users": _string_list("user names", allow_empty=True),
@@ -174,6 +183,18 @@ def _validate_document(document: dict[str, Any], report: _Report) -> dict[str, d
 def _check_workers(workers: dict[str, Any], report: _Report) -> None:
     if "app" in workers and "command" in workers:
         report.add("workers", "set either workers.app or workers.command, not both")
+    if "command" in workers:
+        # These need the built-in worker: it preloads, counts requests and times them.
+        for key, what in (("preload", "imports the application once and forks the workers"),
+                          ("max_requests", "counts the requests a worker served"),
+                          ("timeout", "times each request")):
+            if workers.get(key):
+                report.add(f"workers.{key}", f"only the built-in worker (workers.app) {what}; "
+                           f"workers.command runs a server of its own: remove workers.{key}, or use "
+                           "that server's own setting")
+    if workers.get("max_requests_jitter") and not workers.get("max_requests"):
+        report.add("workers.max_requests_jitter", "a jitter needs workers.max_requests: set it too, "
+                   "or remove the jitter")
     ready, limit = workers.get("ready"), workers.get("ready_timeout", WorkersSection.ready_timeout)
     # A worker counts as ready only after `uptime`; if that is past ready_timeout, no worker ever is.
     if isinstance(ready, Readiness) and ready.kind == "uptime" and ready.seconds >= limit > 0:
@@ -317,7 +338,10 @@ def http_environment(config: Config) -> dict[str, str]:
 def worker_environment(config: Config) -> dict[str, str]:
     """What this config adds to each worker's environment (never to the master's: a release's
     [workers.env] reaches only its own generation's workers, and a key removed is gone)."""
-    return {**dict(config.workers.env), **http_environment(config)}
+    extra = {}
+    if config.workers.timeout and not config.workers.command:
+        extra["CADENZA_TIMEOUT"] = f"{config.workers.timeout:g}"
+    return {**dict(config.workers.env), **http_environment(config), **extra}
 
 
 # ---- where a config is found, and which release it serves ----------------------------------

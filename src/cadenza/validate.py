@@ -4,7 +4,6 @@ problem of a config can be reported at once (config.py holds the sections and th
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import keyword
@@ -24,6 +23,8 @@ MAX_UPTIME = 3600.0
 MAX_SOCKET_PATH = 107
 MAX_CONCURRENCY = 1_000_000
 MAX_WSGI_THREADS = 1024
+MAX_REQUESTS = 1_000_000_000
+MAX_MEMORY_MB = 1_048_576
 # Set by cadenza for each worker (process.spawn, pool._spawn): [workers.env] may not replace them.
 RESERVED_ENV = ("CADENZA_", "LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_")
 
@@ -99,6 +100,7 @@ def _show(value: Any) -> str:
 
 
 def _suggest(word: str, choices: list[str], shape: str = "{}") -> str:
+    import difflib   # only for a config with a mistake: a master's start is on every reload's path
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {shape.format(close[0])}?)" if close else ""
 

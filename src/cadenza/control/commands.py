@@ -12,6 +12,7 @@ import os
 import time
 
 from ..daemon.policy import Event
+from ..daemon.recycle import uss
 from . import protocol as P
 
 
@@ -36,8 +37,11 @@ def upgrade(gen, client, request: dict) -> None:
             client.finish(P.OK, "upgrade started; not waiting (--no-wait)")
         elif kind == "mainpid":
             # Done when this (old) generation has drained: the caller's connection ends with it.
+            # `exiting` names this master: the caller waits for it to be gone too, since "reload
+            # returned" must mean that nothing runs from the old release any more (DESIGN §1).
             gen.wait_until(lambda: gen.exit_code is not None, lambda: client.finish(
-                P.OK, f"generation {event['generation']} serves; generation {gen.number} drained"))
+                P.OK, f"generation {event['generation']} serves; generation {gen.number} drained",
+                exiting=os.getpid()))
     gen.handle(Event.UPGRADE, source=f"supervisorctl ({client.describe()})", watcher=watch)
 
 
@@ -101,10 +105,10 @@ def describe(gen) -> dict:
         "app": gen.name, "generation": gen.number, "pid": os.getpid(), "state": gen.state.value,
         "main": gen.state.main, "release": gen.release,
         "release_exists": os.path.isdir(gen.release), "age": round(now - gen.started, 1),
-        "workers": [{"id": w.id, "pid": w.pid, "state": w.state, "age": round(w.age(now), 1),
-                     "restarts": w.restarts, "status": w.status}
+        "workers": [_worker(gen.pool, w, now)
                     for w in sorted(gen.pool.workers.values(), key=lambda w: (w.id, w.started))],
         "target_workers": len(gen.pool.slots),
+        "preloader": gen.preloader.describe() if gen.preloader is not None else None,
         "listeners": [listener.describe() for listener in gen.listeners],
         "last_upgrade": gen.last_upgrade.as_dict() if gen.last_upgrade else None,
         "upgrading": None,
@@ -120,6 +124,17 @@ def describe(gen) -> dict:
                              "state": succession.stage.value, "release": succession.plan.release,
                              "progress": succession.progress}
     return info
+
+
+def _worker(pool, w, now: float) -> dict:
+    """One worker: "memory" is its unique memory (USS) in bytes, None when unreadable;
+    "last_restart" says why its slot last got a new worker (recycle.py), None before that."""
+    slot = pool.slots.get(w.id)
+    last = slot.last_restart if slot is not None else None
+    return {"id": w.id, "pid": w.pid, "state": w.state, "age": round(w.age(now), 1),
+            "restarts": w.restarts, "status": w.status, "requests": w.requests,
+            "max_requests": w.max_requests or None, "memory": uss(w.pid),
+            "last_restart": dict(last) if last else None}
 
 
 def _pinned_problem(config) -> str | None:

@@ -7,7 +7,8 @@ Invariants (DESIGN §4.1):
 - "Is this the main master" is the state (State.main), stored nowhere else.
 - systemd hears READY=1 only when every slot holds a ready worker; STATUS= always says the
   generation and how many workers are ready. Only the main master speaks to systemd.
-- The master never imports application code: workers are exec'd programs.
+- The master never imports application code: workers are exec'd programs, or forks of the
+  generation's preloader (preloading.py), itself exec'd from the release.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .handoff import Inheritance
 from .loop import Loop
 from .policy import Event, Ignore, Refuse, State, decide, refusal
 from .pool import Pool, Spec
+from .preloading import Preloader
 from .takeover import Takeover
 from .upgrades import Upgrades
 from .process import builtin_argv
@@ -68,13 +70,23 @@ class Generation(Upgrades, Takeover):
         self.inbox = NotifyInbox(f"{self.name}/gen{self.number}")
         w = config.workers
         argv_ = list(w.command) if w.command else builtin_argv(w.app)
-        self.pool = Pool(loop, Spec(argv_, self.number, self.name, release, listeners, self.inbox.address,
-                                    w.ready, w.ready_timeout, w.graceful_timeout, w.watchdog, inherited.log_fd,
-                                    env=worker_environment(config)),
+        spec = Spec(argv_, self.number, self.name, release, listeners, self.inbox.address,
+                    w.ready, w.ready_timeout, w.graceful_timeout, w.watchdog, inherited.log_fd,
+                    env=worker_environment(config), max_requests=w.max_requests,
+                    max_requests_jitter=w.max_requests_jitter, max_lifetime=w.max_lifetime,
+                    max_memory=w.max_memory, builtin=not w.command)
+        self.preloader: Preloader | None = None
+        if w.preload:
+            self.preloader = Preloader(
+                loop, spec, w.app, on_ready=lambda: self.handle(Event.PRELOADER_READY),
+                on_gone=lambda reason, app_error: self._preloader_gone(reason, app_error))
+        self.pool = Pool(loop, spec, starter=self.preloader,
                          on_ready=lambda: self.handle(Event.WORKERS_READY),
                          on_respawn=lambda slot: self.handle(Event.RESPAWN, slot=slot),
                          on_drained=lambda: self.handle(Event.DRAINED),
                          on_app_error=lambda slot, reason: self.handle(Event.APP_FAILED, slot=slot, reason=reason),
+                         on_recycle=lambda slot, cause, detail: self.handle(Event.RECYCLE, slot=slot, cause=cause,
+                                                                            detail=detail),
                          read_notifications=self._on_notify)
         if inherited.heir:
             notifier.muted = True   # NotifyAccess=main: systemd would refuse all we said before "main"
@@ -123,6 +135,8 @@ class Generation(Upgrades, Takeover):
         # The generation's deadline comes before its workers' own (same length, set earlier): it
         # finds every worker that never said READY=1 still there, not already killed and reaped.
         self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
+        if self.preloader is not None:
+            self.preloader.start()    # the slots below wait for it to be ready
         for _ in range(self.config.workers.count):
             self.pool.add_slot()
         if self.watchdog_usec:
@@ -198,6 +212,36 @@ class Generation(Upgrades, Takeover):
             return
         self.pool.respawn(slot)
 
+
+    def on_recycle(self, slot, cause: str, detail: str, **_) -> None:
+        self.pool.recycle(slot, cause, detail)
+
+    # ---- the preloader ------------------------------------------------------------------
+
+    def _preloader_gone(self, reason: str, app_error: bool) -> None:
+        self.pool.check_drained()     # a draining pool also waits for its preloader
+        self.handle(Event.PRELOADER_GONE, reason=reason, app_error=app_error)
+
+    def on_preloader_ready(self, **_) -> None:
+        self.pool.starter_ready()
+
+    def on_preloader_replaced(self, **_) -> None:
+        # The workers still serve from the old preloader's memory: replacing them, one slot at a
+        # time and each only once its successor is ready, shares the new preloader's again.
+        self.pool.starter_ready()
+        if self.pool.workers:
+            log.info("preloader replaced: rolling restart, so that every worker comes from it")
+            self.pool.restart()
+
+    def on_restart_preloader(self, reason: str, **_) -> None:
+        log.warning("%s; its workers keep serving, a new preloader is started", reason)
+        self.preloader.schedule_start()
+
+    def on_preloader_lost_at_start(self, reason: str, app_error: bool, **_) -> None:
+        if app_error:   # the release's application cannot be imported: no retry will change that
+            self.handle(Event.START_FAILED, reason=reason, code=exitcodes.CONFIG)
+        else:
+            self.on_restart_preloader(reason)
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -324,6 +368,10 @@ class Generation(Upgrades, Takeover):
             text += f"; generation {self.number - 1} still draining"
         if pool.rolling:
             text += "; rolling restart"
+        if self.preloader is not None and not self.preloader.ready and self.state not in (State.LEAVING, State.STOPPING):
+            text += "; preloader " + ("importing the application" if self.preloader.pid else "down")
+            if self.preloader.failure:
+                text += f" (last: {self.preloader.failure})"
         return text
 
     def _publish_status(self) -> None:

@@ -58,6 +58,9 @@ class Event(enum.Enum):
     RESPAWN = "respawn"                 # a slot's backoff is over, or its worker died
     APP_FAILED = "application not loaded"   # a worker exited 3 before any worker of ours was ready
     DRAINED = "drained"                 # no worker of ours is left
+    RECYCLE = "recycle a worker"        # max_requests, max_lifetime, max_memory, a request past timeout
+    PRELOADER_READY = "preloader ready" # our preloader imported the app (preload only)
+    PRELOADER_GONE = "preloader gone"   # our preloader exited (preload only)
     # the predecessor (we are the next generation)
     APPOINTED_NOTICE = "named in MAINPID="
     MAIN_NOTICE = "made main"
@@ -141,6 +144,24 @@ TABLE: dict[Event, dict[State, Cell]] = {
         "respawn", STARTING="app_failed",
         COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
         LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
+    # Make-before-break needs a generation that starts workers; one about to be replaced by an
+    # upgrade, or draining, lets its workers be.
+    Event.RECYCLE: _row(
+        Ignore("not serving: workers are recycled only by a serving generation"),
+        SERVING="recycle", TAKING_OVER="recycle"),
+    # With preload, workers come from the preloader. A new one (started, or replacing one that
+    # died) fills the slots that waited; a replacement of a serving generation's is followed by
+    # a rolling restart, so every worker shares the new preloader's memory.
+    Event.PRELOADER_READY: _row(
+        "preloader_ready", SERVING="preloader_replaced", TAKING_OVER="preloader_replaced",
+        COMMITTED=Ignore("committed: nothing is started"), LEAVING=Ignore("leaving: nothing is started"),
+        STOPPING=Ignore("stopping: nothing is started")),
+    # The workers keep serving without it; only starting new ones needs it. Exit 3 before any
+    # worker was ready is an application that cannot be imported: the start (or upgrade) fails.
+    Event.PRELOADER_GONE: _row(
+        "restart_preloader", STARTING="preloader_lost_at_start",
+        COMMITTED=Ignore("committed: nothing is started"), LEAVING=Ignore("leaving: nothing is started"),
+        STOPPING=Ignore("stopping: nothing is started")),
     Event.DRAINED: _row(
         Ignore("workers come back"), LEAVING="maybe_exit", STOPPING="maybe_exit"),
     Event.APPOINTED_NOTICE: _row(

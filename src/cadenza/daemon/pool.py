@@ -1,4 +1,4 @@
-"""A generation's workers: one slot per worker, respawn with backoff, rolling restarts, drain.
+"""A generation's workers: one slot per worker, respawn with backoff, drain.
 
 The pool knows processes, not policy. It reports to its owner through callbacks:
 `on_ready()` after any worker became ready, `on_respawn(slot)` when a slot lost its worker
@@ -8,14 +8,23 @@ the pool was ever ready, and `on_drained()` when no worker is left after `drain(
 that fails (EAGAIN under TasksMax=, ENOMEM) is a worker that died at once: the slot is retried
 with the same backoff, never the end of the master.
 
+Replacing workers make-before-break (a rolling restart, recycling: `on_recycle(slot, cause,
+detail)` asks the owner) and the watchdog's kill of a silent worker are recycle.py's.
+
 Every signal goes to a worker's process group, and what remains of a group once its worker was
 reaped counts as running (`pids()`, drained or not) until it is gone: groups.py.
+
+A worker is started by the pool's *starter*: process.ExecStarter (fork + exec here) or, with
+preload, the generation's preloader (preloading.py), which forks it from the imported app. A
+starter that is not ready (a preloader still importing, or being replaced) leaves the slot
+waiting; `starter_ready()` fills the waiting slots.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ from typing import Callable
 from ..exitcodes import WORKER_APP_ERROR
 from . import groups, process
 from .loop import Loop, Timer, signal_group
+from .recycle import Recycler
 
 log = logging.getLogger("cadenza.master")
 
@@ -52,7 +62,11 @@ class Worker:
     failure: str = ""               # why the master killed it, when it did
     restarts: int = 0
     last_ping: float | None = None  # its last WATCHDOG=1
-    killed: bool = False            # SIGKILL was sent to its group
+    killed: bool = False            # its group gets SIGKILL (sent, or due after a stack dump)
+    requests: int = 0               # completed requests, as its last CADENZA_REQUESTS= said
+    max_requests: int = 0           # its own limit (max_requests + jitter); 0: none
+    cause: str = ""                 # "watchdog" when the pool killed it for that
+    due: tuple[str, str] | None = None   # (cause, detail) once due for recycling (recycle.py)
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.started
@@ -68,6 +82,8 @@ class Slot:
     restarts: int = 0
     respawn: Timer | None = None
     last_death: str = ""
+    waiting: bool = False           # for the starter to be ready
+    last_restart: dict | None = None    # {"cause", "detail"} of its latest new worker (recycle.py)
 
 
 @dataclass
@@ -85,15 +101,25 @@ class Spec:
     watchdog: float
     output_fd: int | None
     env: dict[str, str] = field(default_factory=dict)   # config.worker_environment: [workers.env], [http]
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_lifetime: float = 0.0
+    max_memory: int = 0             # MB
+    builtin: bool = False           # the built-in worker: signals.STACK_DUMP dumps its stacks (faulthandler)
 
 
 class Pool:
     def __init__(self, loop: Loop, spec: Spec, *, on_ready: Callable[[], None],
                  on_respawn: Callable[[Slot], None], on_drained: Callable[[], None],
                  on_app_error: Callable[[Slot, str], None] | None = None,
-                 read_notifications: Callable[[], None] = lambda: None):
+                 read_notifications: Callable[[], None] = lambda: None,
+                 on_recycle: Callable[[Slot, str, str], None] | None = None, starter=None):
         self.loop = loop
         self.spec = spec
+        self.starter = starter or process.ExecStarter(loop, spec)
+        # (slot, cause, detail): a worker is due for recycling (recycle.py); the owner consults
+        # the table and calls recycle() or not.
+        self.on_recycle = on_recycle or (lambda slot, cause, detail: None)
         self.on_ready, self.on_respawn, self.on_drained = on_ready, on_respawn, on_drained
         self.on_app_error = on_app_error or (lambda slot, reason: on_respawn(slot))
         # A worker that cannot load its app says why in STATUS= and exits at once: its datagram is
@@ -103,7 +129,7 @@ class Pool:
         self.served = False             # whether any worker of this pool was ever ready
         self.slots: dict[int, Slot] = {}
         self.workers: dict[int, Worker] = {}
-        self.rolling: list[int] = []
+        self.recycler = Recycler(self)
         self.draining = False
         self._dead = (0, "")
         self._kill_timer: Timer | None = None
@@ -130,14 +156,21 @@ class Pool:
 
     def _spawn(self, slot: Slot, replacing: bool = False) -> Worker | None:
         spec = self.spec
+        if not self.starter.ready:
+            if replacing:   # a roll waits for nothing: the old worker keeps serving
+                log.error("worker %d could not be replaced: its preloader is not ready", slot.id)
+                return None
+            slot.waiting = True
+            return None
         extra = {**spec.env, "CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
         if spec.watchdog:
             extra["WATCHDOG_USEC"] = str(int(spec.watchdog * 1e6))
+        limit = 0
+        if spec.max_requests:
+            limit = spec.max_requests + random.randint(0, spec.max_requests_jitter)
+            extra["CADENZA_MAX_REQUESTS"] = str(limit)
         try:
-            pid = process.spawn(spec.argv, worker_id=slot.id, generation=spec.generation,
-                                app_name=spec.app_name, listeners=spec.listeners,
-                                notify_address=spec.notify_address, cwd=spec.release,
-                                extra_env=extra, output_fd=spec.output_fd)
+            pid = self.starter.spawn(slot.id, extra)
         except OSError as exc:
             if replacing:   # a rolling restart's replacement: the old worker keeps serving
                 log.error("worker %d could not be replaced: fork failed: %s", slot.id, exc.strerror or exc)
@@ -149,9 +182,9 @@ class Pool:
             log.error("%s; retrying in %.1fs", slot.last_death, delay)
             slot.respawn = self.loop.after(delay, lambda: self._respawn_due(slot))
             return None
-        worker = Worker(slot.id, pid, spec.generation, restarts=slot.restarts)
+        worker = Worker(slot.id, pid, spec.generation, restarts=slot.restarts, max_requests=limit)
         self.workers[pid] = worker
-        self.loop.watch_child(pid, lambda status, w=worker: self._exited(w, status))
+        self.starter.watch(pid, lambda status, w=worker: self._exited(w, status))
         if spec.ready.kind == "spawn":
             self.loop.after(0, lambda: self.mark_ready(worker))
         else:
@@ -160,6 +193,13 @@ class Pool:
             self.loop.after(spec.ready_timeout, lambda: self._ready_deadline(worker))
         log.info("worker %d started (pid %d)", slot.id, pid)
         return worker
+
+    def starter_ready(self) -> None:
+        """The starter can start workers again: fill the slots that waited for it."""
+        for slot in list(self.slots.values()):
+            if slot.waiting and slot.worker is None and not self.draining:
+                slot.waiting = False
+                slot.worker = self._spawn(slot)
 
     def respawn(self, slot: Slot) -> None:
         """Fill `slot` again after its worker died, at once or after its backoff."""
@@ -192,11 +232,7 @@ class Pool:
             worker.status = fields["STATUS"][:1000]   # enough for a path and an exception
         if fields.get("READY") == "1" and self.spec.ready.kind == "notify":
             self.mark_ready(worker)
-        if fields.get("WATCHDOG") == "1" and self.spec.watchdog:
-            first = worker.last_ping is None
-            worker.last_ping = time.monotonic()
-            if first:
-                self.loop.after(self.spec.watchdog, lambda: self._watchdog(worker))
+        self.recycler.notified(worker, fields)      # WATCHDOG=1, CADENZA_REQUESTS=, CADENZA_TIMEOUT=
 
     def mark_ready(self, worker: Worker) -> None:
         if self.workers.get(worker.pid) is not worker or worker.state != "booting":
@@ -207,7 +243,8 @@ class Pool:
         log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
         slot = self.slots.get(worker.id)
         if slot is not None and slot.incoming is worker:
-            self._finish_roll(slot)
+            self.recycler.replaced(slot)
+        self.recycler.ready(worker)
         self.on_ready()
 
     def _ready_deadline(self, worker: Worker) -> None:
@@ -215,19 +252,6 @@ class Pool:
             worker.failure = f"not ready within {self.spec.ready_timeout:g}s"
             log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
             self._kill(worker)
-
-    def _watchdog(self, worker: Worker) -> None:
-        """A worker that once said WATCHDOG=1 must keep saying it (sd_watchdog_enabled(3))."""
-        if self.workers.get(worker.pid) is not worker or worker.state == "stopping":
-            return
-        timeout = self.spec.watchdog
-        silent = time.monotonic() - worker.last_ping
-        if silent < timeout:
-            self.loop.after(timeout - silent, lambda: self._watchdog(worker))
-            return
-        worker.failure = f"sent no WATCHDOG=1 for {silent:.1f}s (workers.watchdog = {timeout:g})"
-        log.error("worker %d (pid %d) %s; killing it", worker.id, worker.pid, worker.failure)
-        self._kill(worker)
 
     def _exited(self, worker: Worker, status: int) -> None:
         app_error = not self.served and _exit_code(status) == WORKER_APP_ERROR and not worker.failure
@@ -247,61 +271,44 @@ class Pool:
             log.info("worker %d (pid %d) %s", worker.id, worker.pid, how)
         elif slot.incoming is worker:
             slot.incoming = None
-            log.error("replacement for worker %d %s before it was ready; rolling restart abandoned",
-                      worker.id, how)
-            self.rolling.clear()
+            self.recycler.failed(slot, how)
         elif slot.worker is worker:
             slot.worker = None
             stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= STABLE_AFTER
             slot.failures = 0 if stable else slot.failures + 1
             slot.last_death = f"worker {worker.id} {how}"
             self._dead = (worker.pid, how)
-            if app_error and not self.served:
+            self.recycler.died(slot, worker, status, how)   # a replacement starting takes its place
+            if slot.worker is None and app_error and not self.served:
                 reason = f"worker {worker.id} {process.describe_status(status)}"
                 self.on_app_error(slot, f"{reason}: {worker.status}" if worker.status else reason)
-            else:
+            elif slot.worker is None:
                 self.on_respawn(slot)
             if slot.respawn is None and slot.worker is None and not self.draining:
                 log.warning("worker %d (pid %d) %s; not respawned", worker.id, worker.pid, how)
-        if self.draining and not self.workers and not self.leftovers:
-            self._cancel_kill()
-            self.on_drained()
+        self.check_drained()
 
     def _leftovers_gone(self) -> None:
-        if self.draining and not self.workers:
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        """on_drained() once a draining pool has nothing left: no worker, no remnant of a worker's
+        group, no preloader."""
+        if self.draining and not self.workers and not self.leftovers and not self.starter.pids():
             self._cancel_kill()
             self.on_drained()
 
-    # ---- rolling restart, scaling ---------------------------------------------------------
+    # ---- rolling restart and recycling (recycle.py), scaling -----------------------------
+
+    @property
+    def rolling(self) -> list[int]:
+        return self.recycler.rolling()
 
     def restart(self) -> bool:
-        if self.rolling:
-            return False
-        self.rolling = sorted(self.slots)
-        log.info("rolling restart of %d worker(s)", len(self.rolling))
-        self._roll_next()
-        return True
+        return self.recycler.restart()
 
-    def _roll_next(self) -> None:
-        while self.rolling:
-            slot = self.slots.get(self.rolling[0])
-            if slot is None or slot.worker is None:
-                self.rolling.pop(0)
-                continue
-            slot.incoming = self._spawn(slot, replacing=True)
-            if slot.incoming is None:
-                log.error("rolling restart abandoned; the workers not replaced keep serving")
-                self.rolling.clear()
-            return
-        log.info("rolling restart done")
-
-    def _finish_roll(self, slot: Slot) -> None:
-        old, slot.worker, slot.incoming = slot.worker, slot.incoming, None
-        if old is not None:
-            self.stop_worker(old)
-        if self.rolling and self.rolling[0] == slot.id:
-            self.rolling.pop(0)
-        self._roll_next()
+    def recycle(self, slot: Slot, cause: str, detail: str) -> None:
+        self.recycler.recycle(slot, cause, detail)
 
     def remove_slot(self) -> bool:
         if len(self.slots) <= 1:
@@ -313,8 +320,7 @@ class Pool:
         for worker in (slot.worker, slot.incoming):
             if worker is not None:
                 self.stop_worker(worker)
-        if slot.id in self.rolling:
-            self.rolling.remove(slot.id)
+        self.recycler.forget(slot.id)
         return True
 
     # ---- stopping -------------------------------------------------------------------------
@@ -331,17 +337,18 @@ class Pool:
         """Stop every worker (TERM: they finish their requests) and respawn none; on_drained()
         follows once none is left. Stragglers get SIGKILL after graceful_timeout (or `bound`)."""
         self.draining = True
-        self.rolling.clear()
+        self.recycler.clear()
         for slot in self.slots.values():
             if slot.respawn:
                 slot.respawn.cancel()
                 slot.respawn = None
         for worker in list(self.workers.values()):
             self.stop_worker(worker, sig)
-        if self._kill_timer is None and (self.workers or self.leftovers):
+        self.starter.drain()
+        if self._kill_timer is None and (self.workers or self.leftovers or self.starter.pids()):
             seconds = self.spec.graceful_timeout if bound is None else bound
             self._kill_timer = self.loop.after(seconds, self._kill_stragglers)
-        if not self.workers and not self.leftovers:
+        if not self.workers and not self.leftovers and not self.starter.pids():
             self.loop.after(0, self.on_drained)
 
     def _kill_stragglers(self) -> None:
@@ -351,6 +358,7 @@ class Pool:
                         self.spec.graceful_timeout)
             self._kill(worker)
         self.leftovers.kill_all()
+        self.starter.kill()
 
     def _cancel_kill(self) -> None:
         if self._kill_timer is not None:
@@ -362,6 +370,7 @@ class Pool:
             worker.state = "stopping"
             self._kill(worker)
         self.leftovers.kill_all()
+        self.starter.kill()
 
     def _kill(self, worker: Worker) -> None:
         worker.killed = True
@@ -369,8 +378,8 @@ class Pool:
 
     def pids(self) -> set[int]:
         """The workers, and the groups of reaped ones that still have members (by their old pid)."""
-        return set(self.workers) | self.leftovers.pgids()
+        return set(self.workers) | self.leftovers.pgids() | self.starter.pids()
 
 
-def _exit_code(status: int) -> int | None:
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+def _exit_code(status: int | None) -> int | None:
+    return os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None

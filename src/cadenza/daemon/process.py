@@ -29,8 +29,9 @@ def builtin_argv(app: str) -> list[str]:
 
 def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
           listeners: list[Listener], notify_address: str, cwd: str,
-          extra_env: dict[str, str], output_fd: int | None = None) -> int:
-    """fork + exec one worker; returns its pid. Exec failures show up as exit status 127."""
+          extra_env: dict[str, str], output_fd: int | None = None, extra_fds: tuple[int, ...] = ()) -> int:
+    """fork + exec one worker (or a preloader); returns its pid. Exec failures show up as exit
+    status 127. `extra_fds` follow the listeners, at 3 + len(listeners) onwards."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
     env.update(extra_env)
     env.update({
@@ -41,7 +42,7 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
         "CADENZA_GENERATION": str(generation),
         "CADENZA_APP_NAME": app_name,
     })
-    fds = [listener.fd for listener in listeners]
+    fds = [listener.fd for listener in listeners] + list(extra_fds)
     master = os.getpid()
     pid = fork()
     if pid:
@@ -114,7 +115,37 @@ def place_fds(fds: list[int]) -> None:
         os.close(fd)
 
 
-def describe_status(status: int) -> str:
+class ExecStarter:
+    """How a generation without preload starts a worker: fork + exec here, reaped by the loop.
+    The preloader (preloading.py) offers the same three calls."""
+
+    ready = True
+
+    def __init__(self, loop, spec):
+        self.loop, self.spec = loop, spec
+
+    def spawn(self, worker_id: int, extra_env: dict[str, str]) -> int:
+        spec = self.spec
+        return spawn(spec.argv, worker_id=worker_id, generation=spec.generation, app_name=spec.app_name,
+                     listeners=spec.listeners, notify_address=spec.notify_address, cwd=spec.release,
+                     extra_env=extra_env, output_fd=spec.output_fd)
+
+    def watch(self, pid: int, on_exit) -> None:
+        self.loop.watch_child(pid, on_exit)
+
+    def pids(self) -> set[int]:
+        return set()
+
+    def drain(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+def describe_status(status: int | None) -> str:
+    if status is None:   # a preloaded worker that outlived its preloader: nobody could wait for it
+        return "exited (its exit status was lost with its preloader)"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         return f"killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() else f"killed by signal {sig}"

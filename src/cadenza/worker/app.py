@@ -10,9 +10,10 @@ a startup that fails ends the worker with exit 3 and its reason in STATUS=.
 
 The `[http]` settings arrive as the JSON object CADENZA_HTTP (config.http_environment). What one
 worker process needs of its own is set up in serve(), which a preloader's forked child calls too
-(preloader.py): faulthandler on every thread (the master's SIGABRT before it kills a silent worker
-dumps every thread's stack to stderr), the request count sent as CADENZA_REQUESTS= (report.py) and,
-with CADENZA_TIMEOUT, the request timeouts and their monitor thread (timeouts.py).
+(preloader.py): faulthandler on every thread (a crash, and the master's signals.STACK_DUMP
+before it kills a silent worker, write every thread's stack to stderr), the request count sent
+as CADENZA_REQUESTS= (report.py) and, with CADENZA_TIMEOUT, the request timeouts and their
+monitor thread (timeouts.py).
 
 The drain is event-driven: a stop signal wakes the loop at once (uvicorn polls should_exit every
 0.1 s and sleeps 0.1 s more in its shutdown), and the shutdown goes on the moment the last
@@ -42,6 +43,7 @@ from ..config import HttpSection
 from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
+from ..signals import STACK_DUMP
 from .drain import Draining
 from .h11_protocol import DrainingH11Protocol
 from .report import RequestCount
@@ -312,6 +314,7 @@ def serve(app, sockets: list[socket.socket], notifier: Notifier, settings: HttpS
     this process is set up here, not at import: a preloader's forked child calls it too, after
     setting its own CADENZA_* variables in os.environ."""
     faulthandler.enable(file=2, all_threads=True)   # fd 2: whatever the application made of sys.stderr
+    faulthandler.register(STACK_DUMP, file=2, all_threads=True)
     timeout = _number(os.environ, "CADENZA_TIMEOUT", float, "a number of seconds (workers.timeout)")
     limit = _number(os.environ, "CADENZA_MAX_REQUESTS", int, "a count of requests (workers.max_requests)")
     timeouts = Timeouts(timeout, notifier) if timeout > 0 else None
