@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from procs import Master, free_port
 
 FORBIDDEN_MODULES = ("pystemd", "uvicorn", "uvloop", "httptools", "h11", "ssl", "_ssl", "a2wsgi",
@@ -14,8 +16,12 @@ FORBIDDEN_MODULES = ("pystemd", "uvicorn", "uvloop", "httptools", "h11", "ssl", 
 FORBIDDEN_LIBRARIES = ("libssl", "libcrypto", "libsystemd", "uvloop", "httptools")
 
 
-def test_a_running_master_loads_nothing_of_tools_workers_or_ssl(tmp_path):
-    m = Master(tmp_path, "--bind", f"127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("preload", [False, True])
+def test_a_running_master_loads_nothing_of_tools_workers_or_ssl(tmp_path, preload):
+    # With preload the application, the engine and uvloop are in the preloader, never here.
+    (tmp_path / "cadenza.toml").write_text(f'[workers]\napp = "cadenza.demo:app"\npreload = {str(preload).lower()}\n'
+                                           f'[control]\nsocket = "{tmp_path}/control.sock"\n')
+    m = Master(tmp_path, "-c", "cadenza.toml", "--bind", f"127.0.0.1:{free_port()}")
     try:
         m.wait_ready()
         # What the master imported: ask the process itself, through a signal-free route: its maps.
