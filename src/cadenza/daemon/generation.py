@@ -240,6 +240,10 @@ class Generation(Upgrades, Takeover):
     def on_preloader_lost_at_start(self, reason: str, app_error: bool, **_) -> None:
         if app_error:   # the release's application cannot be imported: no retry will change that
             self.handle(Event.START_FAILED, reason=reason, code=exitcodes.CONFIG)
+        elif self.inherited.heir and self.preloader.failures >= HEIR_MAX_FAILURES:
+            # As for workers: an upgrade ends early rather than retrying until upgrade.timeout.
+            self.handle(Event.START_FAILED, reason=f"{self.preloader.failures} failed preloader starts in a "
+                                                   f"row (last: {reason})")
         else:
             self.on_restart_preloader(reason)
 
