@@ -227,11 +227,11 @@ class Generation(Upgrades, Takeover):
 
     def on_preloader_replaced(self, **_) -> None:
         # The workers still serve from the old preloader's memory: replacing them, one slot at a
-        # time and each only once its successor is ready, shares the new preloader's again.
+        # time and each only once its successor is ready, shares the new preloader's again. A
+        # worker of the old one still booting is queued once it is ready (pool.mark_ready).
         self.pool.starter_ready()
-        if self.pool.workers:
-            log.info("preloader replaced: rolling restart, so that every worker comes from it")
-            self.pool.restart()
+        for slot in list(self.pool.slots.values()):
+            self.pool.replace_stale(slot)
 
     def on_restart_preloader(self, reason: str, **_) -> None:
         log.warning("%s; its workers keep serving, a new preloader is started", reason)

@@ -67,6 +67,7 @@ class Worker:
     max_requests: int = 0           # its own limit (max_requests + jitter); 0: none
     cause: str = ""                 # "watchdog" when the pool killed it for that
     due: tuple[str, str] | None = None   # (cause, detail) once due for recycling (recycle.py)
+    starter_pid: int | None = None  # the preloader that forked it (None: exec'd by the master)
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.started
@@ -182,7 +183,8 @@ class Pool:
             log.error("%s; retrying in %.1fs", slot.last_death, delay)
             slot.respawn = self.loop.after(delay, lambda: self._respawn_due(slot))
             return None
-        worker = Worker(slot.id, pid, spec.generation, restarts=slot.restarts, max_requests=limit)
+        worker = Worker(slot.id, pid, spec.generation, restarts=slot.restarts, max_requests=limit,
+                        starter_pid=self.starter.pid)
         self.workers[pid] = worker
         self.starter.watch(pid, lambda status, w=worker: self._exited(w, status))
         if spec.ready.kind == "spawn":
@@ -240,12 +242,22 @@ class Pool:
         worker.state = "ready"
         worker.ready_at = time.monotonic()
         self.served = True
-        log.info("worker %d (pid %d) ready after %.2fs", worker.id, worker.pid, worker.age())
+        log.info("worker %d (pid %d) ready after %.3fs", worker.id, worker.pid, worker.age())
         slot = self.slots.get(worker.id)
         if slot is not None and slot.incoming is worker:
             self.recycler.replaced(slot)
         self.recycler.ready(worker)
         self.on_ready()
+        if slot is not None and slot.worker is worker:
+            self.replace_stale(slot)
+
+    def replace_stale(self, slot: Slot) -> None:
+        """A worker forked by a preloader that has since been replaced is recycled (make-before-
+        break), so that every worker shares the current preloader's memory."""
+        worker = slot.worker
+        if (worker is not None and worker.state == "ready" and self.starter.pid is not None
+                and worker.starter_pid != self.starter.pid and self.starter.ready):
+            self.on_recycle(slot, "restart", "forked by a preloader that was replaced")
 
     def _ready_deadline(self, worker: Worker) -> None:
         if self.workers.get(worker.pid) is worker and worker.state == "booting":

@@ -8,14 +8,17 @@ slot, when, and every signal (the master signals a worker's group itself, as wit
 
 The channel is a SOCK_SEQPACKET socketpair carrying one JSON object per packet:
 
-    master -> preloader   {"fork": ID, "env": {...}}
+    master -> preloader   {"fork": ID, "env": {...}}     env: what differs from the preloader's own
+                          {"drain": true}    fork no more; exit once the workers have
     preloader -> master   {"ready": true}
                           {"forked": ID, "pid": PID}  or  {"fork_failed": ID, "errno": N, "error": TEXT}
                           {"exited": PID, "status": WAIT_STATUS}
                           {"failed": TEXT}       it cannot import the application; exit 3 follows
 
 A fork is answered within FORK_TIMEOUT or the preloader is taken for stuck: it is killed, and the
-fork fails as fork(2) would (the slot retries with its backoff). Each worker is also watched
+fork fails as fork(2) would (the slot retries with its backoff). One that is not ready within
+workers.ready_timeout, or refuses a fork it was never told to refuse, is replaced the same way.
+The preloader runs the application's import, so what it sends is checked like any input. Each worker is also watched
 through a pidfd (os.pidfd_open): a worker that has exited and is not reported within
 FORK_TIMEOUT means a stuck preloader, which is killed in the same way. A preloader that dies
 leaves its workers serving. They are reparented, their exits are then learnt from their pidfds
@@ -38,7 +41,7 @@ from typing import Callable
 
 from ..exitcodes import WORKER_APP_ERROR
 from . import process
-from .loop import Loop, signal_group, signal_process
+from .loop import Loop, signal_group
 from .pool import backoff_delay
 
 log = logging.getLogger("cadenza.master")
@@ -70,6 +73,7 @@ class Preloader:
         self._channel: socket.socket | None = None
         self._watched: dict[int, _Watch] = {}
         self._backlog: list[dict] = []
+        self._env: dict[str, str] = {}          # the preloader's own, which its workers inherit
         self._timer = None
 
     # ---- the preloader itself ----------------------------------------------------------
@@ -79,9 +83,13 @@ class Preloader:
         self._timer = None
         if self.stopping or self.pid is not None:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = self.spec
         env = {**spec.env, "CADENZA_PRELOADER_FD": str(3 + len(spec.listeners))}
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:   # EMFILE, ENFILE, ENOMEM
+            self._start_failed(f"no channel to it: {exc.strerror or exc}")
+            return
         try:
             pid = process.spawn(self.argv, worker_id=0, generation=spec.generation, app_name=spec.app_name,
                                 listeners=spec.listeners, notify_address=spec.notify_address,
@@ -89,13 +97,11 @@ class Preloader:
                                 extra_fds=(theirs.fileno(),))
         except OSError as exc:
             ours.close()
-            self.failures += 1
-            self.failure = f"the preloader could not be started: fork failed: {exc.strerror or exc}"
-            log.error("%s; retrying in %.1fs", self.failure, backoff_delay(self.failures))
-            self.schedule_start()
+            self._start_failed(f"fork failed: {exc.strerror or exc}")
             return
         finally:
             theirs.close()
+        self._env = env
         ours.setblocking(False)
         self.pid, self._channel, self.failure = pid, ours, ""
         self.started, self.ready_after = time.monotonic(), None
@@ -103,18 +109,34 @@ class Preloader:
         self.loop.add_reader(ours, self._on_channel)
         self.loop.watch_child(pid, self._exited)
         log.info("preloader started (pid %d): importing %s", pid, self.app)
+        limit = spec.ready_timeout
+        self.loop.after(limit, lambda: self.pid == pid and not self.ready and self._stuck(
+            f"was not ready within {limit:g}s (workers.ready_timeout)"))
+
+    def _start_failed(self, why: str) -> None:
+        self.failures += 1
+        self.failure = f"the preloader could not be started: {why}"
+        log.error("%s; retrying in %.1fs", self.failure, backoff_delay(self.failures))
+        self.schedule_start()
 
     def schedule_start(self) -> None:
         if self._timer is None and not self.stopping:
             self._timer = self.loop.after(backoff_delay(self.failures), self.start)
 
     def _exited(self, status: int) -> None:
-        self._on_channel()     # what it said before it went: exits of its workers, why it failed
+        try:
+            self._on_channel()     # what it said before it went: exits of its workers, why it failed
+        except OSError as exc:
+            log.warning("the preloader's last messages could not be read: %s", exc)
         pid, self.pid, self.ready = self.pid, None, False
         self._close_channel()
         for watch in list(self._watched.values()):
+            if watch.parent != pid:
+                continue
             if watch.exited:
                 self._ended(watch, None)
+            elif watch.fd is None:
+                self._poll_orphan(watch)
         how = process.describe_status(status)
         app_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_APP_ERROR
         if self.ready_after is None:
@@ -129,8 +151,11 @@ class Preloader:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.pid is not None:
-            signal_process(self.pid, signal.SIGTERM)
+        if self._channel is not None:
+            try:   # over the channel: a signal could come from anyone (systemctl kill, a user)
+                self._channel.send(b'{"drain": true}')
+            except OSError as exc:   # the kill timer of the pool's drain still bounds it
+                log.warning("the preloader (pid %d) could not be told to stop: %s", self.pid, exc)
 
     def kill(self) -> None:
         self.stopping = True
@@ -150,17 +175,20 @@ class Preloader:
         """Ask for a worker and wait for its pid (a fork: milliseconds)."""
         if self._channel is None or not self.ready:
             raise OSError(errno.EAGAIN, "the preloader is not ready")
+        env = {key: value for key, value in extra_env.items() if self._env.get(key) != value}
         try:
-            self._channel.send(json.dumps({"fork": worker_id, "env": extra_env}).encode())
+            self._channel.send(json.dumps({"fork": worker_id, "env": env}).encode())
         except OSError as exc:
             raise OSError(exc.errno, f"the preloader cannot be asked for a worker: {exc.strerror or exc}")
         deadline = time.monotonic() + FORK_TIMEOUT
         try:
             while True:
                 message = self._receive(deadline)
-                if message.get("forked") == worker_id:
-                    return int(message["pid"])
+                if message.get("forked") == worker_id and _number(message.get("pid"), 2):
+                    return message["pid"]
                 if message.get("fork_failed") == worker_id:
+                    if not message.get("errno") and not self.stopping:
+                        self._stuck("refused a fork this master never told it to refuse")
                     raise OSError(message.get("errno") or errno.EAGAIN, message.get("error", "fork failed"))
                 self._backlog.append(message)
         finally:
@@ -170,7 +198,9 @@ class Preloader:
     def _receive(self, deadline: float) -> dict:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self._channel], [], [], remaining)[0]:
+            poller = select.poll()
+            poller.register(self._channel, select.POLLIN)
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 self._stuck("did not answer a fork")
                 raise OSError(errno.ETIMEDOUT, f"the preloader did not answer within {FORK_TIMEOUT:g}s")
             try:
@@ -197,10 +227,26 @@ class Preloader:
         self._watched[pid] = watch
         try:
             watch.fd = os.pidfd_open(pid)
-        except OSError:   # ESRCH: it has exited already; the preloader reports it
+        except ProcessLookupError:   # it has exited already; the preloader reports it
             watch.exited = True
             return
+        except OSError as exc:       # EMFILE: the preloader's report is all there is, while it lives
+            log.warning("worker pid %d cannot be watched through a pidfd: %s", pid, exc.strerror or exc)
+            return
         self.loop.add_reader(watch.fd, lambda: self._pidfd_ready(watch))
+
+    def _poll_orphan(self, watch: _Watch) -> None:
+        """A worker without a pidfd whose preloader is gone: looked at once a second."""
+        if self._watched.get(watch.pid) is not watch:
+            return
+        try:
+            os.kill(watch.pid, 0)
+        except ProcessLookupError:
+            self._ended(watch, None)
+            return
+        except OSError:
+            pass
+        self.loop.after(1.0, lambda: self._poll_orphan(watch))
 
     def _pidfd_ready(self, watch: _Watch) -> None:
         """The worker has exited. Its status comes from the preloader, which reaps it; one that
@@ -246,7 +292,10 @@ class Preloader:
                 self._handle(message)
 
     def _handle(self, message: dict) -> None:
-        if message.get("ready"):
+        if "exited" in message and not (_number(message["exited"], 1) and _number(message.get("status"), 0)):
+            log.warning("ignored a malformed message from the preloader: %.200r", message)
+            return
+        if message.get("ready") is True and not self.ready:
             self.ready, self.failures = True, 0
             self.ready_after = time.monotonic() - self.started
             log.info("preloader (pid %d) ready after %.2fs", self.pid, self.ready_after)
@@ -258,8 +307,8 @@ class Preloader:
         elif "failed" in message:
             self.failure = str(message["failed"])[:1000]
         elif "forked" in message:   # answered after its fork timed out: nobody owns that worker
-            pid = int(message.get("pid", 0))
-            if pid > 1:
+            pid = message.get("pid")
+            if _number(pid, 2) and pid not in self._watched:
                 signal_group(pid, signal.SIGKILL)
 
     def _close_channel(self) -> None:
@@ -276,6 +325,10 @@ class _Watch:
         self.fd: int | None = None
         self.exited = False
         self.timer = None
+
+
+def _number(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < 2 ** 31
 
 
 def _decode(data: bytes) -> dict | None:

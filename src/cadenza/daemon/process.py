@@ -120,6 +120,7 @@ class ExecStarter:
     The preloader (preloading.py) offers the same three calls."""
 
     ready = True
+    pid = None
 
     def __init__(self, loop, spec):
         self.loop, self.spec = loop, spec

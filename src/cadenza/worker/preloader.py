@@ -8,9 +8,11 @@ request of the master. A worker is the built-in worker of app.py, serving the al
 application. The protocol is described in daemon/preloading.py.
 
 It decides nothing: it forks when asked, reaps its children and reports their exits. Told to
-stop (SIGTERM from the master's drain), it forks no more and exits once its workers have gone.
-If the master itself is gone (SIGTERM through PR_SET_PDEATHSIG, or the channel closed), it
-passes SIGTERM on to its workers' groups, which then drain as they would without preload.
+stop over the channel (the master's drain), it forks no more and exits once its workers have
+gone. A stop signal from anyone else (`systemctl kill`, a user) is ignored while its master
+lives: the master decides. If the master itself is gone (SIGTERM through PR_SET_PDEATHSIG, or
+the channel closed), it passes SIGTERM on to its workers' groups, which then drain as they
+would without preload.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from . import app as worker_app
 
 log = logging.getLogger("cadenza.preloader")
 
+MAX_REQUEST = 1 << 20
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
                   signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
@@ -93,6 +96,7 @@ class Forker:
         self.children: set[int] = set()
         self.stopping = False
         self.orphaned = False
+        self.signalled = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
@@ -107,6 +111,10 @@ class Forker:
             self._reap()
             if os.getppid() != self.master and not self.orphaned:
                 self._master_gone()
+            elif self.signalled and not self.orphaned:
+                self.signalled = False
+                log.warning("ignored a stop signal: the master (pid %d) decides when the preloader "
+                            "stops", self.master)
             if self.stopping and not self.children:
                 return 0
             for key, _ in selector.select():
@@ -119,7 +127,7 @@ class Forker:
 
     def _on_signal(self, signum, frame) -> None:
         if signum != signal.SIGCHLD:
-            self.stopping = True
+            self.signalled = True   # the loop tells its master's death from anyone else's signal
 
     def _master_gone(self) -> None:
         """No master to drain the workers: they are told to, as PR_SET_PDEATHSIG would have."""
@@ -133,15 +141,18 @@ class Forker:
 
     def _on_request(self) -> bool:
         try:
-            data = self.channel.recv(65536)
+            data = self.channel.recv(MAX_REQUEST)
         except OSError:
             data = b""
         if not data:
             return False
         try:
             request = json.loads(data)
-            worker_id, env = int(request["fork"]), dict(request.get("env") or {})
-        except (ValueError, KeyError, TypeError):
+            if request.get("drain") is True:
+                self.stopping = True
+                return True
+            worker_id, env = int(request["fork"]), {str(k): str(v) for k, v in request.get("env", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignored a malformed request from the master: %r", data[:200])
             return True
         if self.stopping:
