@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -118,9 +117,12 @@ def cmd_pin(args) -> int:
     return 0
 
 
-def cmd_run(args, command: list[str], raw_argv: list[str]) -> int:
+def cmd_run(args, command: list[str], raw_argv: list[str]):
+    """Never returns: once the generation is over the process ends at once (exiting.py), since a
+    `systemctl reload` waits for the old master to be gone."""
     from .daemon.boot import run
-    return run(args, command, raw_argv)
+    from .exiting import exit_now
+    exit_now(run(args, command, raw_argv))
 
 
 def parse_run_argv(argv: list[str]):
@@ -167,6 +169,7 @@ def cmd_check(args, command: list[str]) -> int:
 
 def _check_import(app: str, release: str) -> list[str]:
     # Imported in a child process: checking must not run the application's code in this one.
+    import subprocess   # here: `cadenza run` never needs it, and a master's start is on every reload's path
     code = "import sys; from cadenza.worker.app import load_app; load_app(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, app], cwd=release, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": release})

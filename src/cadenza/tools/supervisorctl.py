@@ -6,6 +6,9 @@ still serving); 2 usage or config error; 3 cannot reach the master; 4 permission
 
 from __future__ import annotations
 
+# Only what every command needs: `systemctl reload` waits for this program's start-up, so the
+# config (tomllib, dataclasses, pathlib) is imported only when no -s, -u or
+# $CADENZA_CONTROL_SOCKET names the socket, and doctor's and status's helpers when asked.
 import argparse
 import json
 import os
@@ -14,10 +17,7 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
-from .. import config as C
-from .. import runtime
 from ..control.protocol import DENIED, FAILED, OK, UNREACHABLE, USAGE, BadAnswer, encode, parse_event
 
 EPILOG = """exit codes: 0 done; 1 the operation failed (for upgrade: the old generation is still
@@ -58,33 +58,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def socket_path(args) -> Path:
+def socket_path(args) -> str:
     if args.socket:
-        return Path(args.socket)
+        return args.socket
     if args.config:
-        try:
-            return runtime.find_control_socket(C.load(args.config))
-        except C.ConfigError as exc:
-            raise Failure(USAGE, f"cannot read the control socket from {args.config}:\n{exc}") from None
+        return _from_config(args.config)
     if args.unit:
         name = args.unit.removesuffix(".service")
-        return Path(f"/run/cadenza/{name}/control.sock")
+        return f"/run/cadenza/{name}/control.sock"
     if os.environ.get("CADENZA_CONTROL_SOCKET"):
-        return Path(os.environ["CADENZA_CONTROL_SOCKET"])
-    found = C.discover(None)
-    if found is not None:
-        try:
-            return runtime.find_control_socket(C.load(found))
-        except C.ConfigError as exc:
-            raise Failure(USAGE, f"cannot read the control socket from {found}:\n{exc}") from None
-    return runtime.find_control_socket(C.defaults())
+        return os.environ["CADENZA_CONTROL_SOCKET"]
+    from .. import config as C
+    return _from_config(C.discover(None))
+
+
+def _from_config(path) -> str:
+    """The control socket of the config at `path` (None: the built-in defaults)."""
+    from .. import config as C
+    from .. import runtime
+    try:
+        return os.fspath(runtime.find_control_socket(C.defaults() if path is None else C.load(path)))
+    except C.ConfigError as exc:
+        raise Failure(USAGE, f"cannot read the control socket from {path}:\n{exc}") from None
 
 
 CONNECT_TIMEOUT = 10.0   # how long connect() waits while the master's accept queue is full
 HOW_TO_PICK = "(-s SOCKET, -c FILE or -u UNIT picks another socket)"
 
 
-def request(path: Path, message: dict, timeout: float | None):
+def request(path: str, message: dict, timeout: float | None):
     """Yields every event the master sends, the final {"done": ...} one last. Every way of not
     getting that far is a Failure: DENIED for the socket's file mode, UNREACHABLE for the rest."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -126,7 +128,7 @@ def request(path: Path, message: dict, timeout: float | None):
                 return
 
 
-def _connect(sock: socket.socket, path: Path) -> None:
+def _connect(sock: socket.socket, path: str) -> None:
     # SO_SNDTIMEO bounds how long a blocking connect() waits for room in a full backlog;
     # it then fails with EAGAIN.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
@@ -152,7 +154,7 @@ def _connect(sock: socket.socket, path: Path) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
 
 
-def _lost(path: Path, why) -> Failure:
+def _lost(path: str, why) -> Failure:
     return Failure(UNREACHABLE, f"lost the master at {path} before its final answer ({why}): it may have "
                                 "stopped or restarted; see `supervisorctl status` and its log")
 
@@ -204,6 +206,8 @@ def run(args) -> int:
             print(event["text"])
         for line in event.get("output") or []:
             print(f"  | {line}", file=sys.stderr)
+        if event["ok"] and isinstance(event.get("exiting"), int):
+            wait_for_exit(event["exiting"])
         return int(event.get("code", FAILED))
     return FAILED
 
@@ -226,7 +230,7 @@ def format_status(st: dict) -> str:
     lines.append(f"  workers   {ready}/{st.get('target_workers')} ready")
     for w in workers:
         lines.append(f"    {w['id']:>3}  pid {w['pid']:<8} {w['state']:<9} age {w['age']:>8}s  "
-                     f"restarts {w['restarts']}")
+                     f"{_worker_figures(w)}")
     up = st.get("upgrading")
     if up:
         lines.append(f"  upgrading to generation {up['generation']} (pid {up['pid']}, {up['state']}, "
@@ -241,8 +245,43 @@ def format_status(st: dict) -> str:
     return "\n".join(lines)
 
 
+def _worker_figures(w: dict) -> str:
+    """Requests served (of its limit), unique memory, restarts, and why its slot last restarted."""
+    served = f"{w.get('requests', 0)}" + (f"/{w['max_requests']}" if w.get("max_requests") else "")
+    memory = w.get("memory")
+    text = (f"requests {served:<11} memory {f'{memory / 2**20:.1f} MB' if memory is not None else '-':<9} "
+            f"restarts {w['restarts']}")
+    last = w.get("last_restart")
+    if last:
+        text += f"  last restart {last.get('cause')}: {last.get('detail')}"
+    return text
+
+
 class Terminated(Exception):
     pass
+
+
+EXIT_WAIT = 10.0   # a drained master exits in milliseconds; this only bounds a stuck one
+
+
+def wait_for_exit(pid: int) -> None:
+    """Return once the old master that answered has exited: until then its working directory is
+    still in the old release. Skipped when `pid` is not a cadenza master seen from here (another
+    pid namespace), and bounded by EXIT_WAIT."""
+    import select
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return   # gone already
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            if not file.read().startswith(b"cadenza master"):
+                return
+        select.select([fd], [], [], EXIT_WAIT)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _on_term(signum, frame) -> None:

@@ -17,6 +17,7 @@ would without preload.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
@@ -30,6 +31,7 @@ import traceback
 import setproctitle
 
 from .. import logs
+from ..exiting import exit_now
 from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
@@ -243,4 +245,8 @@ def _drain(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The application's atexit handlers (registered at import) run; the interpreter's teardown of
+    # everything it imported does not: a reload waits for this process to be gone (exiting.py).
+    atexit._run_exitfuncs()
+    exit_now(status)
