@@ -227,6 +227,8 @@ def test_stop_keeps_a_socket_units_listener_and_a_new_connection_waits_for_the_n
     port = free_port()
     install(systemd, port=port, count=2)
     assert get(port)[0] == 200
+    # Both workers serving (READY=1 reaches systemd only then): each has to log its drain below.
+    systemd.wait_for(UNIT, "ActiveState", "active")
     _, master, _ = running(systemd)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/slow?s=2")
