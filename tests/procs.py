@@ -163,6 +163,19 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def wait(predicate, timeout: float = 20.0, what: str = "condition"):
+    """The predicate's first true value, polled every 20 ms; AssertionError naming `what` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        time.sleep(0.02)
+
+
 def descendants(pid: int) -> list[int]:
     found = []
     for child in children(pid):

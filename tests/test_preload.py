@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from procs import Client, alive, children, cmdline, descendants, free_port, get
+from procs import Client, alive, children, cmdline, descendants, free_port, get, wait
 
 APP = '''
 import os, pathlib
@@ -50,17 +49,6 @@ def preloader_of(m) -> int:
 
 def importers(imports: Path) -> list[int]:
     return [int(line) for line in imports.read_text().split()]
-
-
-def wait(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.02)
 
 
 def test_the_preloader_imports_once_and_forks_every_worker(start, tmp_path):

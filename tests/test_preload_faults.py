@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from procs import Client, alive, children, cmdline, descendants, free_port, get
+from procs import Client, alive, children, cmdline, descendants, free_port, get, wait
 
 from cadenza.tools.supervisorctl import request
 
@@ -61,17 +61,6 @@ def site(tmp_path: Path, start, count: int = 2, extra: str = "", env=None, envta
     imports = tmp_path / "imports"
     m = start("-c", "cadenza.toml", env={"TEST_IMPORTS": str(imports), **(env or {})})
     return m, port, imports
-
-
-def wait(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        time.sleep(0.02)
 
 
 def preloaders(m) -> list[int]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from procs import VENV_BIN, Client, free_port, get
+from procs import Client, VENV_BIN, free_port, get, wait
 
 from cadenza.tools.supervisorctl import request
 
@@ -126,16 +126,6 @@ def status(sock: str) -> dict:
             assert event["ok"], event
             return event["status"]
     raise AssertionError("no answer")
-
-
-def wait(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout}s"
-        time.sleep(0.05)
 
 
 def replaced(sock: str, pid: int, timeout: float = 20.0) -> dict:
