@@ -6,6 +6,7 @@ Nothing here is hard-coded to a checkout: the project venv is the one running th
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.client
 import json
@@ -314,3 +315,11 @@ def bound_socket() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     return sock
+
+
+def comma_list(text: str, allowed=None, kind=str) -> list:
+    """An argparse type: "a,b,c" as a list, each item checked against `allowed` when given."""
+    items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    if allowed is not None and (bad := [x for x in items if x not in allowed]):
+        raise argparse.ArgumentTypeError(f"unknown: {', '.join(map(str, bad))} (choose from {', '.join(allowed)})")
+    return items

@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts tests/ on sys.path)
-from common import REPO, VENV_BIN, median  # noqa: E402
+from common import REPO, VENV_BIN, comma_list as _list, median  # noqa: E402
 from engine_servers import CONTENDERS, Server, Unavailable, cadenza_config  # noqa: E402
 from engine_report import DOCS, PEER, markdown, update_docs, verdicts  # noqa: E402
 
@@ -211,13 +211,6 @@ def summarise(group: dict) -> list[dict]:
 
 
 # ---- main --------------------------------------------------------------------------------
-
-def _list(text: str, allowed=None, kind=str) -> list:
-    items = [kind(x.strip()) for x in text.split(",") if x.strip()]
-    if allowed is not None and (bad := [x for x in items if x not in allowed]):
-        raise argparse.ArgumentTypeError(f"unknown: {', '.join(map(str, bad))} (choose from {', '.join(allowed)})")
-    return items
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

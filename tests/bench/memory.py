@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts tests/ on sys.path)
-from common import REPO, VENV_BIN  # noqa: E402
+from common import REPO, VENV_BIN, comma_list as _list  # noqa: E402
 from memory_report import markdown, summarise, update_docs, verdicts  # noqa: E402
 from memory_servers import APPS, Failed, Server, measure_tree, prepare  # noqa: E402
 
@@ -248,13 +248,6 @@ def measure(args) -> dict:
     common.dump_json(args.json, res)
     log(f"wrote {args.json} ({res['run_seconds']:.0f} s)")
     return res
-
-
-def _list(text: str, allowed=None, kind=str) -> list:
-    items = [kind(x.strip()) for x in text.split(",") if x.strip()]
-    if allowed is not None and (bad := [x for x in items if x not in allowed]):
-        raise argparse.ArgumentTypeError(f"unknown: {', '.join(map(str, bad))} (choose from {', '.join(allowed)})")
-    return items
 
 
 def main(argv: list[str] | None = None) -> int:
