@@ -25,7 +25,7 @@ import tally
 from deploy import PY_DIR, AppRoot
 from handover_fixtures import (APP, CLIENTS, UNIT, Hammer, Sampler, answer, journal_has, main_pid, poll,
                                start_site, status, title, unit_procs)
-from osfaults import Clients
+from osfaults import Clients, TaskLimit
 from procs import alive, free_port, get
 
 # A package installed by pip into each release's own venv, at a version of the release's own.
@@ -385,4 +385,39 @@ def test_respawn_with_preload_is_a_fork_of_the_preloader(systemd, record_propert
     for _ in range(5):
         assert answer(app) == "release r1"
     tally.add(11, 0)
+    unit_ok(systemd, master_ns)
+
+
+# ---- 5. a fork that fails under TasksMax= ---------------------------------------------------
+
+def test_a_preloader_fork_refused_by_tasksmax_is_retried_and_the_old_workers_serve_on(systemd, lossless):
+    """DESIGN §4.1: fork EAGAIN is an event like any other. The preloader's fork of a worker fails
+    under a real TasksMax=; the slot is retried with backoff, the preloader is not taken for
+    broken, the other worker serves on, and once the limit is lifted the slot is filled."""
+    app = preload_site(systemd)
+    master_ns, master = main_pid(systemd)
+    pre_ns, pre_host = ready_preloader(systemd, app, 1)
+    first = poll(lambda: settled(systemd, app, master, pre_host, 2), what="2 workers of the preloader")
+    pinned = lossless(app.port, pinned=True)
+    held = pinned.wait_keepalive_pid()
+    (victim,) = set(first) - {held}
+    limit = TaskLimit(systemd, UNIT)
+    try:
+        # Its tasks (threads included) are what the limit leaves once it is gone: not one more.
+        threads = int(Path(f"/proc/{first[victim]}/status").read_text().split("Threads:")[1].split()[0])
+        limit.set(limit.current() - threads)
+        os.kill(first[victim], signal.SIGKILL)
+        journal = journal_has(systemd, "could not be started: fork failed")
+        line = next(l for l in journal.splitlines() if "could not be started: fork failed" in l)
+        assert "Resource temporarily unavailable" in line and "retrying in" in line, line
+        assert limit.failures() > 0
+        assert status(app)["preloader"]["pid"] == pre_ns and alive(pre_host)   # not replaced for it
+        limit.set(None)
+        again = poll(lambda: settled(systemd, app, master, pre_host, 2), timeout=30,
+                     what="the slot filled by the same preloader once the limit is lifted")
+    finally:
+        limit.set(None)
+        limit.close()
+    assert held in again and victim not in again
+    assert set(pinned.check()) == {"release r1"}
     unit_ok(systemd, master_ns)
