@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from procs import Client, alive, children, cmdline, descendants, free_port, get, wait
+from procs import VENV_BIN, Client, alive, children, cmdline, descendants, free_port, get, wait
 
 APP = '''
 import os, pathlib
@@ -61,6 +62,9 @@ def test_the_preloader_imports_once_and_forks_every_worker(start, tmp_path):
     assert importers(imports) == [preloader]
     status, body = get(port)
     assert status == 200 and f"parent {preloader}" in body
+    shown = subprocess.run([str(VENV_BIN / "supervisorctl"), "-s", str(tmp_path / "control.sock"), "status"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"preloader pid {preloader} ready, imported the app in" in shown, shown
     m.signal(signal.SIGTERM)
     assert m.wait_exit() == 0
     assert not any(alive(p) for p in [preloader, *workers])
