@@ -233,8 +233,9 @@ def test_an_idle_worker_exits_within_milliseconds_of_sigterm(start, engine):
         assert w.proc.wait(10) == 0
         took.append(time.monotonic() - began)
         w.close()
-    # uvicorn's own drain polls every 0.1 s and sleeps 0.1 s more: at least 100 ms.
-    assert statistics.median(took) < 0.060, [f"{t * 1000:.0f} ms" for t in took]
+    # uvicorn's own drain polls every 0.1 s and sleeps 0.1 s more: never under 100 ms, so the bound
+    # holds on a loaded machine and still fails for a drain that polls.
+    assert statistics.median(took) < 0.100, [f"{t * 1000:.0f} ms" for t in took]
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -242,7 +243,8 @@ def test_a_draining_worker_ends_its_drain_as_soon_as_its_last_connection_ends(st
     """A request in flight when the drain starts is answered with Connection: close; the worker's
     close lingers until the client's EOF, the last thing its drain waits for. Measured to the
     drain's last line: about a millisecond; uvicorn's poll (every 0.1 s) takes 50 ms on average,
-    and the bound leaves room for a loaded machine's scheduling."""
+    and the bound leaves room for a loaded machine's scheduling (a polling drain
+    passes it about a third of the time; the idle exit above is the strict check)."""
     took = []
     for _ in range(5):
         w = start(engine=engine)
@@ -259,4 +261,4 @@ def test_a_draining_worker_ends_its_drain_as_soon_as_its_last_connection_ends(st
         took.append(time.monotonic() - began)
         assert w.wait_exit(10) == 0
         w.close()
-    assert statistics.median(took) < 0.040, [f"{t * 1000:.0f} ms" for t in took]
+    assert statistics.median(took) < 0.060, [f"{t * 1000:.0f} ms" for t in took]

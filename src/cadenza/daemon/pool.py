@@ -257,7 +257,8 @@ class Pool:
         worker = slot.worker
         if (worker is not None and worker.state == "ready" and self.starter.pid is not None
                 and worker.starter_pid != self.starter.pid and self.starter.ready):
-            self.on_recycle(slot, "restart", "forked by a preloader that was replaced")
+            # Asked again until a serving generation takes it (the table ignores it elsewhere).
+            self.recycler.due(worker, "recycled", "forked by a preloader that was replaced")
 
     def _ready_deadline(self, worker: Worker) -> None:
         if self.workers.get(worker.pid) is worker and worker.state == "booting":

@@ -41,7 +41,7 @@ from typing import Callable
 
 from ..exitcodes import WORKER_APP_ERROR
 from . import process
-from .loop import Loop, signal_group
+from .loop import Loop, signal_group, signal_process
 from .pool import backoff_delay
 
 log = logging.getLogger("cadenza.master")
@@ -201,7 +201,7 @@ class Preloader:
             poller = select.poll()
             poller.register(self._channel, select.POLLIN)
             if remaining <= 0 or not poller.poll(remaining * 1000):
-                self._stuck("did not answer a fork")
+                self._stuck(f"did not answer a fork within {FORK_TIMEOUT:g}s")
                 raise OSError(errno.ETIMEDOUT, f"the preloader did not answer within {FORK_TIMEOUT:g}s")
             try:
                 data = self._channel.recv(MAX_MESSAGE)
@@ -217,8 +217,8 @@ class Preloader:
     def _stuck(self, what: str) -> None:
         if self.pid is None:
             return
-        log.error("the preloader (pid %d) %s within %gs; killing it", self.pid, what, FORK_TIMEOUT)
-        self.failure = f"it {what} within {FORK_TIMEOUT:g}s"
+        log.error("the preloader (pid %d) %s; killing it", self.pid, what)
+        self.failure = f"it {what}"
         self.ready = False
         signal_group(self.pid, signal.SIGKILL)
 
@@ -260,7 +260,7 @@ class Preloader:
 
     def _unreported(self, watch: _Watch) -> None:
         if self._watched.get(watch.pid) is watch:
-            self._stuck(f"did not report the exit of worker pid {watch.pid}")
+            self._stuck(f"did not report the exit of worker pid {watch.pid} within {FORK_TIMEOUT:g}s")
 
     def _ended(self, watch: _Watch, status: int | None) -> None:
         if self._watched.pop(watch.pid, None) is not watch:
@@ -308,8 +308,8 @@ class Preloader:
             self.failure = str(message["failed"])[:1000]
         elif "forked" in message:   # answered after its fork timed out: nobody owns that worker
             pid = message.get("pid")
-            if _number(pid, 2) and pid not in self._watched:
-                signal_group(pid, signal.SIGKILL)
+            if _number(pid, 2) and pid not in self._watched and not signal_group(pid, signal.SIGKILL):
+                signal_process(pid, signal.SIGKILL)   # it may not lead its group yet
 
     def _close_channel(self) -> None:
         if self._channel is not None:

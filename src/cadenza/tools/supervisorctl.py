@@ -231,7 +231,8 @@ def format_status(st: dict) -> str:
     pre = st.get("preloader")
     if pre:
         after = f", imported the app in {pre['ready_after']:.2f}s" if pre.get("ready_after") is not None else ""
-        lines.append(f"  preloader pid {pre['pid']} {pre['state']}{after}, started {pre['starts']} time(s)"
+        pid = f"pid {pre['pid']} " if pre.get("pid") is not None else ""
+        lines.append(f"  preloader {pid}{pre['state']}{after}, started {pre['starts']} time(s)"
                      + (f"; last: {pre['failure']}" if pre.get("failure") else ""))
     for w in workers:
         lines.append(f"    {w['id']:>3}  pid {w['pid']:<8} {w['state']:<9} age {w['age']:>8}s  "

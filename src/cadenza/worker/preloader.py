@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("usage: python -m cadenza.worker.preloader MODULE:OBJECT, started by cadenza "
                   "(workers.preload = true) with CADENZA_PRELOADER_FD set")
         return USAGE
+    os.environ.pop("CADENZA_WORKER_ID", None)   # a worker's only: the app must not see one here
     channel = socket.socket(fileno=int(fd))
     os.set_inheritable(channel.fileno(), False)
     try:
@@ -105,7 +106,7 @@ class Forker:
         signal.set_wakeup_fd(self.wake_w)
         for sig in (*_STOP_SIGNALS, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
-        selector = selectors.DefaultSelector()
+        self.selector = selector = selectors.DefaultSelector()
         selector.register(self.channel, selectors.EVENT_READ)
         selector.register(self.wake_r, selectors.EVENT_READ)
         self._send({"ready": True})
@@ -202,6 +203,7 @@ class Forker:
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.setpgid(0, 0)     # a group of its own, which the master signals (daemon/groups.py)
             self.channel.close()
+            self.selector.close()   # its epoll fd: a fork has no exec to close it
             os.close(self.wake_r)
             os.close(self.wake_w)
             gc.enable()
