@@ -51,6 +51,7 @@ from .timeouts import Timeouts
 
 log = logging.getLogger("cadenza.worker")
 uvicorn_log = logging.getLogger("uvicorn.error")
+SETTLE_TURNS = 8
 RECHECK = 1.0   # seconds: the drain looks again (a WebSocket's end does not wake it, an HTTP one's does)
 
 
@@ -137,6 +138,7 @@ class NotifyingServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        await _settle()
         for connection in list(self.server_state.connections):
             connection.shutdown()
         try:
@@ -154,8 +156,12 @@ class NotifyingServer(uvicorn.Server):
         state = self.server_state
         if state.connections and not self.force_exit:
             uvicorn_log.info("Waiting for connections to close.")
-        while state.connections and not self.force_exit:
-            await self._sleep(RECHECK)
+        while not self.force_exit:
+            while state.connections and not self.force_exit:
+                await self._sleep(RECHECK)
+            await _settle()
+            if not state.connections:   # none was still on its way in
+                break
         if state.tasks and not self.force_exit:
             uvicorn_log.info("Waiting for background tasks to complete.")
         while state.tasks and not self.force_exit:
@@ -168,6 +174,16 @@ class NotifyingServer(uvicorn.Server):
         if not self.should_exit:
             self.notifier.send(watchdog=1)
             asyncio.get_running_loop().call_later(interval, self._ping, interval)
+
+
+async def _settle() -> None:
+    """A few turns of the loop. A connection accepted just before the listeners closed reaches
+    its protocol's connection_made() only some turns later (asyncio accepts in a task, which then
+    schedules connection_made): until then it is in no list, and a worker that exited would leave
+    it to the kernel, which resets it. uvicorn's fixed 0.1 s sleep covered this; a few turns are
+    microseconds."""
+    for _ in range(SETTLE_TURNS):
+        await asyncio.sleep(0)
 
 
 def http_settings(environ=os.environ) -> HttpSection:
