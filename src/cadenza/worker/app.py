@@ -79,16 +79,17 @@ class RecordingLifespan(LifespanOn):
 
 class NotifyingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, notifier: Notifier, max_requests: int = 0,
-                 timeouts: Timeouts | None = None):
+                 timeouts: Timeouts | None = None, counted: RequestCount | None = None):
         super().__init__(config)
         self.notifier = notifier
         self.max_requests, self.timeouts = max_requests, timeouts
-        self.server_state = RequestCount(notifier)   # before the first connection
+        self.server_state = counted or RequestCount(notifier)   # before the first connection
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Future | None = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._wake_on_signals(self._loop)
         self.server_state.start(self._loop, self.max_requests)
         self.server_state.drained = self._wake
         if self.timeouts is not None:
@@ -110,6 +111,28 @@ class NotifyingServer(uvicorn.Server):
                 self._loop.call_soon_threadsafe(self._wake)
             except RuntimeError:   # the loop has closed
                 pass
+
+    def _wake_on_signals(self, loop) -> None:
+        """A stop signal may land on any thread (the WSGI pool's, the timeout monitor's). Python
+        runs its handler in the main thread, but only once the loop wakes for something else: a
+        WSGI response due then would go out before the drain began, with keep-alive. A wakeup fd
+        wakes the loop (uvloop sets its own; asyncio's loop does only for add_signal_handler)."""
+        old = signal.set_wakeup_fd(-1)
+        if old != -1:
+            signal.set_wakeup_fd(old)
+            return
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+
+        def drain_wakeups() -> None:
+            try:
+                r.recv(4096)
+            except BlockingIOError:
+                pass
+        loop.add_reader(r.fileno(), drain_wakeups)
+        self._signal_socks = (r, w)
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -276,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def uvicorn_config(app, settings: HttpSection, timeouts: Timeouts | None = None) -> uvicorn.Config:
+def uvicorn_config(app, settings: HttpSection, timeouts: Timeouts | None = None,
+                   counted: RequestCount | None = None) -> uvicorn.Config:
     protocol, loop = engine(settings)
     asgi = is_asgi(app)
     if not asgi:
@@ -287,6 +311,8 @@ def uvicorn_config(app, settings: HttpSection, timeouts: Timeouts | None = None)
         app = ProxyHeaders(app, settings.forwarded_allow_ips)
     if timeouts is not None:
         app = timeouts.wrap(app)
+    if counted is not None:
+        app = counted.wrap(app)
     graceful = float(os.environ.get("CADENZA_GRACEFUL_TIMEOUT", "30"))
     config = uvicorn.Config(
         app, http=protocol, loop=loop, interface="asgi3",
@@ -334,8 +360,9 @@ def serve(app, sockets: list[socket.socket], notifier: Notifier, settings: HttpS
     timeout = _number(os.environ, "CADENZA_TIMEOUT", float, "a number of seconds (workers.timeout)")
     limit = _number(os.environ, "CADENZA_MAX_REQUESTS", int, "a count of requests (workers.max_requests)")
     timeouts = Timeouts(timeout, notifier) if timeout > 0 else None
-    config = uvicorn_config(app, settings or HttpSection(), timeouts)
-    server = NotifyingServer(config, notifier, limit, timeouts)
+    counted = RequestCount(notifier)
+    config = uvicorn_config(app, settings or HttpSection(), timeouts, counted if notifier.enabled else None)
+    server = NotifyingServer(config, notifier, limit, timeouts, counted)
     # Until uvicorn installs its own handlers (inside run()), a stop signal must not be lost;
     # afterwards uvicorn re-raises it once it has shut down, and this handler turns that into a
     # plain exit 0, so the master sees a clean exit rather than a death by signal.

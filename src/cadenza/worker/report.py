@@ -1,4 +1,5 @@
-"""What the built-in worker counts for its master: CADENZA_REQUESTS=<n> (DESIGN.md 4.4).
+"""What the built-in worker counts for its master: CADENZA_REQUESTS=<n> (DESIGN.md 4.4), and its
+responses by status class and their latency (figures.py, DESIGN §9).
 
 Both engines count a completed response where uvicorn does, `server_state.total_requests += 1`
 (httptools_protocol.py, drain.py and uvicorn's h11 protocol). `RequestCount` is that server state,
@@ -8,6 +9,11 @@ the count goes to NOTIFY_SOCKET when it fires: at most once a second, and no wak
 The count that reaches CADENZA_MAX_REQUESTS (this worker's limit, max_requests + its jitter) is
 sent at once. The worker serves on after its limit; the master retires it, make-before-break.
 
+`wrap(app)` is the ASGI middleware that sees each response's status and the time the application
+took to answer it (from its call to its return), outermost but for uvicorn's own: a 504 of
+timeouts.py, and an application that fails before it responds (uvicorn's 500), count as 5xx.
+They go in the same report as the count.
+
 The state also carries the drain's wake-up: `drained`, called by a draining connection when it was
 the last one (drain.py), so that the server's shutdown waits on an event, not a poll.
 """
@@ -15,9 +21,13 @@ the last one (drain.py), so that the server's shutdown waits on an event, not a 
 from __future__ import annotations
 
 import asyncio
+import time
+from bisect import bisect_left
 from collections.abc import Callable
 
 from uvicorn.server import ServerState
+
+from ..figures import LATENCY_BUCKETS, Figures, status_class
 
 REPORT_INTERVAL = 1.0   # seconds between two CADENZA_REQUESTS reports, at least
 
@@ -30,6 +40,8 @@ class RequestCount(ServerState):
     def __init__(self, notifier) -> None:
         self.notifier = notifier
         self._count = self._reported = 0
+        self.figures = Figures()
+        self._recorded = self._sent = 0     # responses recorded by wrap(), and as of the last report
         self._loop: asyncio.AbstractEventLoop | None = None
         super().__init__()
 
@@ -56,7 +68,34 @@ class RequestCount(ServerState):
         self.report()
 
     def report(self) -> None:
-        """Send the count now, if it changed since the last report."""
-        if self._count != self._reported:
-            self._reported = self._count
-            self.notifier.send(cadenza_requests=self._count)
+        """Send the totals now, if they changed since the last report."""
+        if self._count != self._reported or self._recorded != self._sent:
+            self._reported, self._sent = self._count, self._recorded
+            figures = self.figures
+            figures.requests = self._count
+            self.notifier.send(**figures.fields())
+
+    def wrap(self, app):
+        figures, buckets, responses = self.figures, self.figures.buckets, self.figures.responses
+        clock = time.monotonic
+
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            status = 0
+
+            async def sending(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+            started = clock()
+            try:
+                await app(scope, receive, sending)
+            finally:
+                took = clock() - started
+                responses[status_class(status)] += 1
+                buckets[bisect_left(LATENCY_BUCKETS, took)] += 1
+                figures.seconds += took
+                self._recorded += 1
+        return counted
