@@ -879,3 +879,23 @@ def user_runtime_paths(tmp_path: Path, cfg: config.Config, xdg: Path) -> None:
     # A client run as that user looks where such a master would be.
     assert as_nobody(tmp_path, lambda: runtime.find_control_socket(cfg), {"XDG_RUNTIME_DIR": str(xdg)}) == \
         f"{xdg}/cadenza/{name}/control.sock"
+
+
+@pytest.mark.parametrize("listen, expected", [
+    ("0.0.0.0:9808", "is not a loopback address"),
+    ("10.1.2.3:9808", "is not a loopback address"),
+    ("localhost:9808", "is not a loopback address"),
+    ("127.0.0.1", "address needs a port"),
+    ("unix:relative.sock", "unix socket path must be absolute"),
+])
+def test_metrics_listen_is_loopback_or_a_unix_socket(tmp_path, listen, expected):
+    problem = only_problem(tmp_path, f'[metrics]\nlisten = "{listen}"\n')
+    assert "metrics.listen" in problem and expected in problem, problem
+
+
+def test_metrics_and_canary_settings_are_read(tmp_path):
+    cfg = config.parse('[workers]\napp = "a:b"\n[metrics]\nlisten = "[::1]:9808"\nmultiprocess = true\n'
+                  '[upgrade]\ncanary = 1\ncanary_duration = 5\ncanary_max_error_rate = 0.05\n', "t")
+    assert cfg.metrics.listen == "[::1]:9808" and cfg.metrics.multiprocess
+    assert (cfg.upgrade.canary, cfg.upgrade.canary_duration, cfg.upgrade.canary_max_error_rate) == (1, 5.0, 0.05)
+    assert "expected a fraction" in only_problem(tmp_path, "[upgrade]\ncanary_max_error_rate = 2\n")

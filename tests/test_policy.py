@@ -80,7 +80,8 @@ def test_after_mainpid_nothing_stops_the_successor():
 
 
 def test_only_serving_states_are_main():
-    assert {s for s in State if s.main} == {State.SERVING, State.TAKING_OVER, State.UPGRADING}
+    assert {s for s in State if s.main} == {State.SERVING, State.TAKING_OVER, State.UPGRADING, State.CANARY,
+                                            State.PROMOTING, State.ROLLING_BACK}
 
 
 def test_only_a_serving_generation_recycles_its_workers():

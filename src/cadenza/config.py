@@ -19,7 +19,8 @@ from typing import Any
 
 from cadenza.validate import (MAX_CONCURRENCY, MAX_MEMORY_MB, MAX_REQUESTS, MAX_WORKERS, MAX_WSGI_THREADS,
                               ConfigError, Readiness, Validator, _absolute_path, _addresses, _app_name, _app_spec, _boolean,
-                              _check_addresses, _choice, _environment, _forwarded_ips, _integer, _readiness,
+                              _check_addresses, _choice, _environment, _forwarded_ips, _fraction, _integer,
+                              _metrics_address, _readiness,
                               _Report, _root_path, _seconds, _seconds_or_off, _show, _socket_path,
                               _string_list, _suggest, _tls_file)
 
@@ -84,6 +85,15 @@ class HttpSection:
 @dataclass(frozen=True)
 class UpgradeSection:
     timeout: float = 60.0
+    canary: int = 0                   # workers the next generation starts with first; 0: no canary
+    canary_duration: float = 60.0     # seconds the canary serves before it is judged
+    canary_max_error_rate: float = 0.01   # its 5xx share may exceed the old one's by this much
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str | None = None         # loopback host:port or unix:PATH; None: off
+    multiprocess: bool = False        # own PROMETHEUS_MULTIPROC_DIR for the app's prometheus_client
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ class Config:
     control: ControlSection
     source: Path | None = None
     http: HttpSection | None = None      # None: the file has no [http] (the defaults apply)
+    metrics: MetricsSection = MetricsSection()
 
     @property
     def exec_path(self) -> Path | None:
@@ -135,7 +146,8 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
                 "max_requests": _integer(0, MAX_REQUESTS), "max_requests_jitter": _integer(0, MAX_REQUESTS),
                 "max_lifetime": _seconds_or_off, "max_memory": _integer(0, MAX_MEMORY_MB),
                 "timeout": _seconds_or_off},
-    "upgrade": {"timeout": _seconds},
+    "upgrade": {"timeout": _seconds, "canary": _integer(0, MAX_WORKERS), "canary_duration": _seconds,
+                "canary_max_error_rate": _fraction},
     "control": {"socket": _socket_path,
                 "allow_users": _string_list("user names", allow_empty=True),
                 "allow_groups": _string_list("group names", allow_empty=True),
@@ -145,9 +157,11 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
              "proxy_headers": _boolean, "forwarded_allow_ips": _forwarded_ips, "root_path": _root_path,
              "limit_concurrency": _integer(0, MAX_CONCURRENCY), "certfile": _tls_file, "keyfile": _tls_file,
              "wsgi_threads": _integer(1, MAX_WSGI_THREADS)},
+    "metrics": {"listen": _metrics_address, "multiprocess": _boolean},
 }
 _SECTION_TYPES = {"app": AppSection, "listen": ListenSection, "workers": WorkersSection,
-                  "upgrade": UpgradeSection, "control": ControlSection, "http": HttpSection}
+                  "upgrade": UpgradeSection, "control": ControlSection, "http": HttpSection,
+                  "metrics": MetricsSection}
 _OPTIONAL = {"http"}   # Config holds None for these when the file has none
 
 

@@ -229,6 +229,35 @@ def _address_identity(address: Address) -> tuple:
     return (address.family, socket.inet_pton(address.family, address.host), address.port)
 
 
+def _metrics_address(value: Any, key: str, report: _Report) -> str | None:
+    """[metrics] listen: a loopback IP and port, or a unix socket path. The exposition tells the
+    service's internals (its releases, its error rates), so it never listens beyond the host."""
+    try:
+        address = parse_address(value)
+    except ValueError as exc:
+        report.add(key, f"{exc}; expected a loopback address such as 127.0.0.1:9808 or "
+                        "unix:/run/cadenza/demo/metrics.sock")
+        return None
+    if address.family == socket.AF_UNIX:
+        if len(os.fsencode(address.path)) > MAX_SOCKET_PATH:
+            report.add(key, f"a unix socket path can be at most {MAX_SOCKET_PATH} bytes long (unix(7))")
+            return None
+        return value
+    if address.family == socket.AF_UNSPEC or not ipaddress.ip_address(address.host).is_loopback:
+        report.add(key, f"{value!r} is not a loopback address: the metrics tell the service's "
+                        "internals to whoever connects; use 127.0.0.1:PORT, [::1]:PORT or a unix: path, "
+                        "and let a local Prometheus agent or a proxy reach it")
+        return None
+    return value
+
+
+def _fraction(value: Any, key: str, report: _Report) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        report.add(key, f"expected a fraction from 0 to 1 (0.01 is 1 %), got {_show(value)}")
+        return 0.0
+    return float(value)
+
+
 # ---- [http] -------------------------------------------------------------------------------
 
 def _choice(*options: str) -> Validator:

@@ -17,16 +17,25 @@ from . import protocol as P
 
 
 def run(gen, client, cmd: str, request: dict) -> None:
-    {"status": status, "upgrade": upgrade, "restart": restart, "scale": scale, "stop": stop}[cmd](
-        gen, client, request)
+    {"status": status, "metrics": metrics, "upgrade": upgrade, "restart": restart, "scale": scale,
+     "stop": stop}[cmd](gen, client, request)
 
 
 def status(gen, client, request: dict) -> None:
     client.finish(P.OK, status=describe(gen))
 
 
+def metrics(gen, client, request: dict) -> None:
+    """The same text as [metrics] listen serves (daemon/metrics.py)."""
+    client.finish(P.OK, metrics=gen.metrics_text())
+
+
 def upgrade(gen, client, request: dict) -> None:
     no_wait = bool(request.get("no_wait"))
+    canary = request.get("canary")
+    if canary is not None and (isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= 1024):
+        client.finish(P.USAGE, f"--canary needs a number of workers from 0 to 1024, got {canary!r}")
+        return
 
     def watch(event: dict) -> None:
         client.send(event)
@@ -42,12 +51,12 @@ def upgrade(gen, client, request: dict) -> None:
             gen.wait_until(lambda: gen.exit_code is not None, lambda: client.finish(
                 P.OK, f"generation {event['generation']} serves; generation {gen.number} drained",
                 exiting=os.getpid()))
-    gen.handle(Event.UPGRADE, source=f"supervisorctl ({client.describe()})", watcher=watch)
+    gen.handle(Event.UPGRADE, source=f"supervisorctl ({client.describe()})", watcher=watch, canary=canary)
 
 
 def restart(gen, client, request: dict) -> None:
     before = {s.id: s.worker.pid for s in gen.pool.slots.values() if s.worker}
-    if gen.pool.rolling:
+    if gen.pool.recycler.rolling():
         client.finish(P.FAILED, "cannot restart: a rolling restart is already running")
         return
     refused = gen.handle(Event.RESTART, source=client.describe())
@@ -63,7 +72,7 @@ def restart(gen, client, request: dict) -> None:
                        if sid in slots and slots[sid].worker and slots[sid].worker.pid != pid)
         client.finish(P.OK if replaced == len(before) else P.FAILED, f"{replaced}/{len(before)} worker(s) replaced")
     # Done when the rolling restart is over and the old workers have finished draining.
-    gen.wait_until(lambda: not gen.state.main or (not gen.pool.rolling and not old & gen.pool.pids()), report)
+    gen.wait_until(lambda: not gen.state.main or (not gen.pool.recycler.rolling() and not old & gen.pool.pids()), report)
 
 
 def scale(gen, client, request: dict) -> None:
@@ -109,6 +118,7 @@ def describe(gen) -> dict:
                     for w in sorted(gen.pool.workers.values(), key=lambda w: (w.id, w.started))],
         "target_workers": len(gen.pool.slots),
         "preloader": gen.preloader.describe() if gen.preloader is not None else None,
+        "canary": gen.canary_describe(),
         "listeners": [listener.describe() for listener in gen.listeners],
         "last_upgrade": gen.last_upgrade.as_dict() if gen.last_upgrade else None,
         "upgrading": None,

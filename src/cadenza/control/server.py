@@ -116,7 +116,7 @@ class Client:
             log.warning("control: %s denied to uid %d (pid %d): control.status_groups may only read",
                         cmd, self.uid, self.pid)
             self.finish(DENIED, f"permission denied: uid {self.uid} may not {cmd}; its group is in "
-                                "control.status_groups, which may only ask for status")
+                                "control.status_groups, which may only ask for status and metrics")
             return
         log.info("control: %s from %s", cmd, self.describe())
         try:

@@ -16,10 +16,11 @@ from .. import exitcodes, logs, runtime
 from ..control import commands
 from ..control.server import Access, ControlServer
 from ..control.socketfile import ControlError, bind_socket
-from ..listeners import ListenerError, adopt_from_env, bind_all, unix_paths
+from ..listeners import ListenerError, adopt_from_env, bind, bind_all, parse_address, unix_paths
 from ..notify import Notifier
 from ..trust import config_problems
 from . import limits
+from .exposition import METRICS_FDNAME
 from .generation import Generation
 from .handoff import CONTROL_FDNAME, Inheritance
 from .loop import Loop
@@ -53,7 +54,8 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
     owned = set(inherited.owns)
     try:
         listeners = adopt_from_env()
-        control = _take_control(listeners)
+        control = _take_named(listeners, CONTROL_FDNAME)
+        metrics = _metrics_socket(cfg, _take_named(listeners, METRICS_FDNAME))
         bound_here = not listeners or "listeners" in owned
         if not listeners:
             listeners = bind_all(list(cfg.listen.addresses), C.listen_origins(cfg))
@@ -94,6 +96,7 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
                             control_sock=control, control_owned=control_owned, bound_here=bound_here,
                             fd_store="fdstore" in owned, watchdog_usec=_watchdog_usec(),
                             serve_control=serve_control)
+    generation.metrics_sock = metrics
     try:
         code = generation.run()
     except Exception:
@@ -104,13 +107,34 @@ def run(cfg_args, command: list[str], raw_argv: list[str]) -> int:
     return code
 
 
-def _take_control(listeners):
-    """The control socket arrives with the listeners, named cadenza-control, from master N."""
+def _take_named(listeners, name: str):
+    """The control socket (cadenza-control) and the metrics socket (cadenza-metrics) arrive with
+    the listeners, from master N."""
     for listener in listeners:
-        if listener.name == CONTROL_FDNAME:
+        if listener.name == name:
             listeners.remove(listener)
             return listener.sock
     return None
+
+
+def _metrics_socket(cfg, inherited):
+    """[metrics] listen: the socket master N passed when it is the same address, else a new one
+    (a release may move or remove it). A bind that fails is this generation's start failing."""
+    if cfg.metrics.listen is None:
+        if inherited is not None:
+            inherited.close()
+        return None
+    address = parse_address(cfg.metrics.listen)
+    if inherited is not None:
+        name = inherited.getsockname()
+        same = name == address.path if isinstance(name, str) else name[:2] == (address.host, address.port)
+        if same:
+            return inherited
+        inherited.close()
+    try:
+        return bind(address, METRICS_FDNAME).sock
+    except ListenerError as exc:
+        raise ListenerError(f"metrics.listen: {exc}") from exc
 
 
 def _cleanup(generation: Generation) -> None:
@@ -121,6 +145,10 @@ def _cleanup(generation: Generation) -> None:
     last = (generation.state is State.STOPPING and generation.exit_code != exitcodes.UNCLEAN_HANDOVER
             and (not generation.inherited.heir or generation.last_upgrade is not None and generation.control)
             and not generation.fd_store)
+    if generation.exposition is not None:
+        generation.exposition.close()
+    if last and generation.multiproc is not None:
+        generation.multiproc.remove()
     if generation.control is not None:
         generation.control.close()
         if last and generation.control_owned:

@@ -24,6 +24,8 @@ from ..config import Config, worker_environment
 from ..notify import Notifier, NotifyInbox
 from .handoff import Inheritance
 from .loop import Loop
+from .canary import Canary
+from .metrics import Metrics
 from .policy import Event, Ignore, Refuse, State, decide, refusal
 from .pool import Pool, Spec
 from .preloading import Preloader
@@ -41,7 +43,7 @@ SIGNALS = {signal.SIGTERM: Event.STOP, signal.SIGQUIT: Event.STOP, signal.SIGINT
            signal.SIGUSR2: Event.UPGRADE}
 
 
-class Generation(Upgrades, Takeover):
+class Generation(Upgrades, Takeover, Metrics, Canary):
 
     def __init__(self, loop: Loop, config: Config, listeners: list, notifier: Notifier, inherited: Inheritance,
                  *, release: str, argv: list[str], control_sock, control_owned: bool, bound_here: bool,
@@ -88,6 +90,8 @@ class Generation(Upgrades, Takeover):
                          on_recycle=lambda slot, cause, detail: self.handle(Event.RECYCLE, slot=slot, cause=cause,
                                                                             detail=detail),
                          read_notifications=self._on_notify)
+        self._setup_metrics()
+        self._setup_canary()
         if inherited.heir:
             notifier.muted = True   # NotifyAccess=main: systemd would refuse all we said before "main"
 
@@ -102,6 +106,8 @@ class Generation(Upgrades, Takeover):
             watcher = kw.get("watcher")
             if watcher:
                 watcher({"event": "refused", "text": text, "generation": self.number + 1})
+            if event is Event.UPGRADE:
+                self.count_upgrade("refused")
             return text
         if isinstance(cell, Ignore):
             log.debug("%s in state %s: %s", event.value, self.state.value, cell.why)
@@ -137,7 +143,7 @@ class Generation(Upgrades, Takeover):
         self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
         if self.preloader is not None:
             self.preloader.start()    # the slots below wait for it to be ready
-        for _ in range(self.config.workers.count):
+        for _ in range(self.canary_workers or self.config.workers.count):
             self.pool.add_slot()
         if self.watchdog_usec:
             self._watchdog()
@@ -149,6 +155,7 @@ class Generation(Upgrades, Takeover):
     def _start_control(self) -> None:
         if self.control_sock is not None and self.control is None:
             self.control = self._serve_control(self)
+        self._start_metrics()
 
     def _on_notify(self) -> None:
         for pid, fields in self.inbox.receive(self.pool.worker_of):
@@ -185,8 +192,9 @@ class Generation(Upgrades, Takeover):
             self.inherited.say(f"progress workers ready {self.pool.ready_count()}/{len(self.pool.slots)}")
         if not self.pool.all_ready():
             return
+        self.ready_after = round(time.monotonic() - self.started, 3)
         log.info("generation %d serving: %d/%d workers ready after %.2fs", self.number, len(self.pool.slots),
-                 len(self.pool.slots), time.monotonic() - self.started)
+                 len(self.pool.slots), self.ready_after)
         if self.inherited.heir:
             self.inherited.redirect_output()
             self.state = State.STANDBY
@@ -214,7 +222,7 @@ class Generation(Upgrades, Takeover):
 
 
     def on_recycle(self, slot, cause: str, detail: str, **_) -> None:
-        self.pool.recycle(slot, cause, detail)
+        self.pool.recycler.recycle(slot, cause, detail)
 
     # ---- the preloader ------------------------------------------------------------------
 
@@ -306,29 +314,25 @@ class Generation(Upgrades, Takeover):
         self._maybe_exit()
 
     def on_restart(self, source: str = "", **_) -> None:
-        if not self.pool.restart():
+        if not self.pool.recycler.restart():
             log.warning("rolling restart ignored: one is already running")
 
     def on_grow(self, source: str = "", **_) -> None:
-        slot = self.pool.add_slot()
-        log.info("added worker %d", slot.id)
+        log.info("added worker %d", self.pool.add_slot().id)
 
     def on_shrink(self, source: str = "", **_) -> None:
         if not self.pool.remove_slot():
             log.warning("worker count stays at %d: it cannot go below 1", len(self.pool.slots))
 
     def _close_listeners(self) -> None:
-        """Without a socket unit or the fd store, only cadenza's processes hold the sockets it
-        bound. A generation that will start no worker again closes its copies, and its workers
-        close theirs as they drain: once the last is closed the kernel refuses new connections
-        (ECONNREFUSED) at once, so clients and load balancers go elsewhere instead of waiting in a
-        backlog nobody accepts from. A socket unit's or the fd store's sockets stay open: systemd
-        holds them, and new connections wait there for the next start. A leaving generation's
-        copies are its successor's sockets too: closing them takes nothing from it."""
+        """Sockets cadenza bound itself (no socket unit, no fd store) are closed by a generation
+        that starts no worker again, so that once its draining workers close theirs the kernel
+        refuses new connections (ECONNREFUSED) at once instead of queueing them in a backlog
+        nobody accepts from. systemd's sockets stay: new connections wait for the next start. A
+        leaving generation's copies are its successor's too: closing them takes nothing from it."""
         if self.bound_here and not self.fd_store:
             for listener in self.listeners:
                 listener.close()
-
 
     # ---- ending -------------------------------------------------------------------------
 
@@ -370,7 +374,7 @@ class Generation(Upgrades, Takeover):
             text += "; " + waiting[0]
         if self.state is State.TAKING_OVER:
             text += f"; generation {self.number - 1} still draining"
-        if pool.rolling:
+        if pool.recycler.rolling():
             text += "; rolling restart"
         if self.preloader is not None and not self.preloader.ready and self.state not in (State.LEAVING, State.STOPPING):
             text += "; preloader " + ("importing the application" if self.preloader.pid else "down")

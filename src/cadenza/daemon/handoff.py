@@ -12,7 +12,8 @@ environment that a next master must not see is dropped):
                                                            NOTIFY_SOCKET, WATCHDOG_USEC
 
 The channel carries lines. N+1 -> N: "progress TEXT", "ready", "failed REASON".
-N -> N+1: "appointed" (MAINPID= names you), "main" (systemd took it), "stop".
+N -> N+1: "appointed" (MAINPID= names you), "totals JSON" (the service-wide counters, metrics.py)
+then "main" (systemd took it), "stop".
 N+1 learns that N is gone from the pidfd, which a dead channel cannot tell apart from a close.
 """
 

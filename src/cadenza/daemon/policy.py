@@ -9,11 +9,16 @@ guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
     next generation:    STARTING ─► STANDBY ─► APPOINTED ─► TAKING_OVER ─► SERVING
     an upgrade (N):     SERVING ─► UPGRADING ─► COMMITTED ─► LEAVING ─► (gone)
                                       └─(fails)─► SERVING
+    with a canary (N):  UPGRADING ─► CANARY ─► PROMOTING ─► COMMITTED ...
+                                        └─(gate)─► ROLLING_BACK ─► SERVING   (canary.py)
     any state ──stop──► STOPPING ─► (gone)           (LEAVING keeps draining)
 
 - STANDBY: our workers are ready and the predecessor knows it; it has not named us in MAINPID=.
 - APPOINTED: the predecessor sent MAINPID=us; systemd may not have taken it yet (the barrier).
 - TAKING_OVER: we are main, the predecessor still drains. A stop waits for it; an upgrade waits.
+- CANARY: N+1 serves with K workers, we with count − K; judged after canary_duration.
+- PROMOTING: the canary passed; N+1 grows to its count, then we commit as in any upgrade.
+- ROLLING_BACK: the canary failed; we grow back, then N+1 is stopped.
 - COMMITTED: we sent MAINPID= for the successor. From here the hand-over cannot be undone:
   nothing we do may stop, kill or disown the successor; a stop is forwarded to it.
 """
@@ -31,6 +36,9 @@ class State(enum.Enum):
     SERVING = "serving"
     TAKING_OVER = "taking over"
     UPGRADING = "upgrading"
+    CANARY = "running a canary"
+    PROMOTING = "promoting its canary"
+    ROLLING_BACK = "rolling back its canary"
     COMMITTED = "committed"
     LEAVING = "leaving"
     STOPPING = "stopping"
@@ -41,7 +49,8 @@ class State(enum.Enum):
         return self in MAIN_STATES
 
 
-MAIN_STATES = frozenset({State.SERVING, State.TAKING_OVER, State.UPGRADING})
+MAIN_STATES = frozenset({State.SERVING, State.TAKING_OVER, State.UPGRADING, State.CANARY, State.PROMOTING,
+                         State.ROLLING_BACK})
 
 
 class Event(enum.Enum):
@@ -71,6 +80,10 @@ class Event(enum.Enum):
     SUCCESSOR_FAILED = "successor failed"
     BARRIER = "systemd took MAINPID="
     SUCCESSOR_GONE = "successor gone"
+    CANARY_DUE = "canary due"           # canary_duration has passed
+    CANARY_FIGURES = "canary figures"   # N+1 answered "report" (or did not, in time)
+    # the predecessor runs us as its canary
+    PROMOTE_NOTICE = "told to grow"
 
 
 REQUESTS = (Event.STOP, Event.STOP_NOW, Event.UPGRADE, Event.RESTART, Event.GROW, Event.SHRINK)
@@ -96,6 +109,12 @@ _UPGRADING = Refuse("upgrading: the generation that serves after the upgrade tak
 _LEAVING = Refuse("leaving: it drains and exits, and starts nothing new")
 _STOPPING = Refuse("stopping: it drains and exits, and starts nothing new")
 _STARTING = Refuse("starting: wait until it serves")
+_CANARY = Refuse("running a canary: wait until it is promoted or rolled back (supervisorctl status)")
+_IN_CANARY = ("CANARY", "PROMOTING", "ROLLING_BACK")
+
+
+def _canary(cell: Cell) -> dict[str, Cell]:
+    return {name: cell for name in _IN_CANARY}
 
 _ALL = tuple(State)
 
@@ -118,18 +137,23 @@ TABLE: dict[Event, dict[State, Cell]] = {
         "stop_now", COMMITTED="forward_stop_now", LEAVING="stop_now", STOPPING="stop_now"),
     Event.UPGRADE: _row(
         _NOT_MAIN, SERVING="start_upgrade", UPGRADING="join_upgrade", TAKING_OVER="defer_upgrade",
-        STARTING=_STARTING, COMMITTED="join_upgrade", LEAVING=_LEAVING, STOPPING=_STOPPING),
+        STARTING=_STARTING, COMMITTED="join_upgrade", LEAVING=_LEAVING, STOPPING=_STOPPING,
+        **_canary("join_upgrade")),
+    # During a canary the counts of both generations are the gate's: nothing changes them.
     Event.RESTART: _row(
         _NOT_MAIN, SERVING="restart", TAKING_OVER="restart", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
     Event.GROW: _row(
         _NOT_MAIN, SERVING="grow", TAKING_OVER="grow", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
     Event.SHRINK: _row(
         _NOT_MAIN, SERVING="shrink", TAKING_OVER="shrink", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
+    # A canary that passed grows in STANDBY and says "ready" again once all its workers are; a
+    # rolled-back canary is stopped once our own workers are all back.
     Event.WORKERS_READY: _row(
-        Ignore("not waiting for readiness"), STARTING="started"),
+        Ignore("not waiting for readiness"), STARTING="started", STANDBY="standby_workers_ready",
+        ROLLING_BACK="canary_restored"),
     Event.START_FAILED: _row(
         Ignore("already started"), STARTING="start_failed"),
     # A respawn keeps a serving generation whole; a leaving one only drains (defect: a TTIN or a
@@ -178,15 +202,20 @@ TABLE: dict[Event, dict[State, Cell]] = {
         Ignore("no predecessor"), STARTING="orphaned", STANDBY="orphaned", APPOINTED="made_main",
         TAKING_OVER="predecessor_gone", STOPPING="predecessor_gone"),
     Event.SUCCESSOR_READY: _row(
-        Ignore("no upgrade waits for readiness"), UPGRADING="commit"),
+        Ignore("no upgrade waits for readiness"), UPGRADING="successor_ready", PROMOTING="promoted_ready",
+        CANARY=Ignore("the canary is judged after canary_duration"),
+        ROLLING_BACK=Ignore("the canary is being stopped")),
     Event.SUCCESSOR_FAILED: _row(
         Ignore("no upgrade to fail"), UPGRADING="upgrade_failed", STOPPING="upgrade_failed",
-        COMMITTED=Ignore("committed: the successor's fate is systemd's now")),
+        COMMITTED=Ignore("committed: the successor's fate is systemd's now"), **_canary("upgrade_failed")),
     Event.BARRIER: _row(
         Ignore("no hand-over waits for systemd"), COMMITTED="hand_over"),
     Event.SUCCESSOR_GONE: _row(
         Ignore("no successor"), UPGRADING="successor_gone", STOPPING="successor_gone",
-        COMMITTED="successor_gone", LEAVING="successor_gone"),
+        COMMITTED="successor_gone", LEAVING="successor_gone", **_canary("canary_gone")),
+    Event.CANARY_DUE: _row(Ignore("no canary is judged"), CANARY="judge_canary"),
+    Event.CANARY_FIGURES: _row(Ignore("no canary is judged"), CANARY="canary_figures"),
+    Event.PROMOTE_NOTICE: _row(Ignore("not a canary waiting to grow"), STANDBY="grow_to_count"),
 }
 
 

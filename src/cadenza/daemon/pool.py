@@ -27,10 +27,12 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..exitcodes import WORKER_APP_ERROR
+from ..figures import Figures
 from . import groups, process
 from .loop import Loop, Timer, signal_group
 from .recycle import Recycler
@@ -68,6 +70,7 @@ class Worker:
     cause: str = ""                 # "watchdog" when the pool killed it for that
     due: tuple[str, str] | None = None   # (cause, detail) once due for recycling (recycle.py)
     starter_pid: int | None = None  # the preloader that forked it (None: exec'd by the master)
+    figures: Figures = field(default_factory=Figures)  # its responses, as it last said (figures.py)
 
     def age(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.started
@@ -135,6 +138,8 @@ class Pool:
         self._dead = (0, "")
         self._kill_timer: Timer | None = None
         self.leftovers = groups.Leftovers(loop, spec.graceful_timeout, self._leftovers_gone)
+        self.restarts: Counter = Counter()  # new workers by cause (recycle.py), for the metrics
+        self.on_exit: Callable[[Worker], None] = lambda worker: None   # each worker's end (metrics.py)
 
     # ---- counts ---------------------------------------------------------------------------
 
@@ -157,11 +162,9 @@ class Pool:
 
     def _spawn(self, slot: Slot, replacing: bool = False) -> Worker | None:
         spec = self.spec
-        if not self.starter.ready:
-            if replacing:   # a roll waits for nothing: the old worker keeps serving
-                log.error("worker %d could not be replaced: its preloader is not ready", slot.id)
-                return None
-            slot.waiting = True
+        if not self.starter.ready:      # the preloader is being replaced
+            if not replacing:           # a replacement waits in the recycler's queue instead
+                slot.waiting = True
             return None
         extra = {**spec.env, "CADENZA_GRACEFUL_TIMEOUT": str(spec.graceful_timeout)}
         if spec.watchdog:
@@ -173,6 +176,11 @@ class Pool:
         try:
             pid = self.starter.spawn(slot.id, extra)
         except OSError as exc:
+            if not self.starter.ready:  # the preloader was lost on the way: wait for the next one
+                log.warning("worker %d could not be %s: %s; it waits for the next preloader",
+                            slot.id, "replaced" if replacing else "started", exc.strerror or exc)
+                slot.waiting = not replacing
+                return None
             if replacing:   # a rolling restart's replacement: the old worker keeps serving
                 log.error("worker %d could not be replaced: fork failed: %s", slot.id, exc.strerror or exc)
                 return None
@@ -202,6 +210,7 @@ class Pool:
             if slot.waiting and slot.worker is None and not self.draining:
                 slot.waiting = False
                 slot.worker = self._spawn(slot)
+        self.recycler.resume()          # the replacements that waited for it
 
     def respawn(self, slot: Slot) -> None:
         """Fill `slot` again after its worker died, at once or after its backoff."""
@@ -234,6 +243,7 @@ class Pool:
             worker.status = fields["STATUS"][:1000]   # enough for a path and an exception
         if fields.get("READY") == "1" and self.spec.ready.kind == "notify":
             self.mark_ready(worker)
+        worker.figures.update(fields)
         self.recycler.notified(worker, fields)      # WATCHDOG=1, CADENZA_REQUESTS=, CADENZA_TIMEOUT=
 
     def mark_ready(self, worker: Worker) -> None:
@@ -271,6 +281,7 @@ class Pool:
         if app_error:
             self.read_notifications()
         del self.workers[worker.pid]
+        self.on_exit(worker)
         # What it started may outlive it (a wrapper that did not exec, killed): that goes too.
         # A group told to stop already is not told twice (groups.Leftovers.sweep).
         self.leftovers.sweep(worker.pid, f"worker {worker.id} (pid {worker.pid})",
@@ -311,17 +322,7 @@ class Pool:
             self._cancel_kill()
             self.on_drained()
 
-    # ---- rolling restart and recycling (recycle.py), scaling -----------------------------
-
-    @property
-    def rolling(self) -> list[int]:
-        return self.recycler.rolling()
-
-    def restart(self) -> bool:
-        return self.recycler.restart()
-
-    def recycle(self, slot: Slot, cause: str, detail: str) -> None:
-        self.recycler.recycle(slot, cause, detail)
+    # ---- scaling (a rolling restart and recycling: self.recycler) --------------------------
 
     def remove_slot(self) -> bool:
         if len(self.slots) <= 1:

@@ -48,6 +48,7 @@ log = logging.getLogger("cadenza.master")
 
 FORK_TIMEOUT = 2.0
 MAX_MESSAGE = 65536
+LOST = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)    # the preloader is gone: a new one is started
 
 
 def preloader_argv(app: str) -> list[str]:
@@ -179,6 +180,7 @@ class Preloader:
         try:
             self._channel.send(json.dumps({"fork": worker_id, "env": env}).encode())
         except OSError as exc:
+            self.ready = self.ready and exc.errno not in LOST
             raise OSError(exc.errno, f"the preloader cannot be asked for a worker: {exc.strerror or exc}")
         deadline = time.monotonic() + FORK_TIMEOUT
         try:
@@ -207,6 +209,9 @@ class Preloader:
                 data = self._channel.recv(MAX_MESSAGE)
             except BlockingIOError:
                 continue
+            except OSError as exc:
+                self.ready = self.ready and exc.errno not in LOST
+                raise
             if not data:
                 self.ready = False
                 raise OSError(errno.EPIPE, "the preloader is gone")

@@ -20,7 +20,9 @@ ignored (during an upgrade that then failed) is not lost.
 A replacement that cannot be started, or dies before it is ready, leaves the old worker serving.
 A recycle is retried after RETRY_FIRST seconds, doubling up to RETRY_CAP, and holds the queue
 meanwhile: a release that cannot start costs one attempt per delay, never a storm of them. A
-rolling restart is abandoned then, as it always was; the recycles it held stay queued.
+rolling restart is abandoned then, as it always was; the recycles it held stay queued. A
+replacement that finds no preloader ready (it is being replaced, or was lost while asked for a
+worker) is no failure of the release: the queue waits for the next preloader, resume().
 
 The watchdog (DESIGN §4.6): a worker that once said WATCHDOG=1 and then stays silent for
 workers.watchdog seconds is killed (SIGKILL to its group). The built-in worker first gets signals.STACK_DUMP
@@ -130,8 +132,17 @@ class Recycler:
             log.info("recycling worker %d (pid %d): %s; starting its replacement",
                      slot.id, slot.worker.pid, head.detail)
         slot.incoming = pool._spawn(slot, replacing=True)
-        if slot.incoming is None:           # _spawn said why
+        if slot.incoming is None and pool.starter.ready:   # _spawn said why
             self._failed(head)
+        # else the preloader is being replaced: the queue waits for resume(), the old worker serves
+
+    def _restarted(self, slot: Slot, cause: str, detail: str) -> None:
+        slot.last_restart = {"cause": cause, "detail": detail}
+        self.pool.restarts[cause] += 1
+
+    def resume(self) -> None:
+        """The starter is ready again (a new preloader): the queue goes on where it waited."""
+        self._next()
 
     def replaced(self, slot: Slot) -> None:
         """Its replacement is ready: it takes the slot, and the old worker drains."""
@@ -140,7 +151,7 @@ class Recycler:
         if head is not None:
             self.queue.remove(head)
         cause, detail = (head.cause, head.detail) if head is not None else ("restart", "rolling restart")
-        slot.last_restart = {"cause": cause, "detail": detail}
+        self._restarted(slot, cause, detail)
         if old is not None:
             if cause != "restart":
                 log.info("worker %d (pid %d) replaced by pid %d; it drains", slot.id, old.pid, slot.worker.pid)
@@ -178,7 +189,7 @@ class Recycler:
         """The slot's worker died (`slot.worker` is cleared already). A replacement that was
         starting takes its place; a queued replacement has nothing left to replace."""
         signaled = status is not None and os.WIFSIGNALED(status)
-        slot.last_restart = {"cause": worker.cause or ("signal" if signaled else "exit"), "detail": how}
+        self._restarted(slot, worker.cause or ("signal" if signaled else "exit"), how)
         head = self.entry(slot.id)
         if head is None:
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ class Succession:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL)
         self.watchers: list[Callable[[dict], None]] = []
         self.started = time.monotonic()
+        self.canary = 0                  # K: N+1 starts as a canary of K workers (canary.py)
         self._chan: handoff.Channel | None = None
         self._out_r: int | None = None
         self._pidfd: int | None = None
@@ -161,6 +163,8 @@ class Succession:
                 self.report("ready")
             elif verb == "failed":
                 self.fail(text[:2000])
+            elif verb == "figures" and self.stage is Stage.BOOTING:
+                self.report("figures", figures=_figures(text))
         if gone:
             self._close_channel()
             if self.stage is Stage.BOOTING:
@@ -231,6 +235,21 @@ class Succession:
             self.reason = self.reason or "the service was stopped immediately (SIGINT)"
             signal_tree(self.pid, signal.SIGKILL)
 
+    def hold(self) -> None:
+        """A canary is judged: upgrade.timeout does not run meanwhile."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    def ask(self, line: str) -> None:
+        if self._chan is not None:
+            self._chan.send(line)
+
+    def promote(self) -> None:
+        """The canary passed: it grows, and has upgrade.timeout again to be ready."""
+        self.ask("grow")
+        self._timers.append(self.loop.after(self.timeout, self._on_timeout))
+
     def appointed(self) -> None:
         self.stage = Stage.COMMITTED
         if self._chan is not None:
@@ -238,9 +257,10 @@ class Succession:
         self.emit("committed", f"MAINPID={self.pid} sent: generation {self.generation} is main once "
                                "systemd has taken it (BARRIER=1)", pid=self.pid)
 
-    def hand_over(self, stop: bool) -> bool:
-        """Tell N+1 it is main (and to stop, when a stop reached us in the barrier window)."""
-        told = self._chan is not None and self._chan.send(*(["main", "stop"] if stop else ["main"]))
+    def hand_over(self, stop: bool, totals: str = "{}") -> bool:
+        """Tell N+1 it is main (and to stop, when a stop reached us in the barrier window), with
+        the service-wide counters it carries on (metrics.py)."""
+        told = self._chan is not None and self._chan.send(f"totals {totals}", *(["main", "stop"] if stop else ["main"]))
         self.stage = Stage.DONE
         self._cleanup(keep_pidfd=True)
         self.emit("mainpid", f"MAINPID handed over to generation {self.generation} (pid {self.pid})",
@@ -326,6 +346,15 @@ def _become_next(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int
     except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
         os.write(2, f"cadenza: cannot exec {plan.exec_path}: {exc}\n".encode())
     os._exit(127)
+
+
+def _figures(text: str) -> dict | None:
+    """A canary's figures (canary.py): counts, or None when they do not parse."""
+    try:
+        data = json.loads(text)
+        return {key: int(data[key]) for key in ("responses", "errors", "crashes", "ready")}
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _close(fd: int) -> None:

@@ -19,6 +19,11 @@ class Takeover:
         channel = self.inherited.channel
         lines, gone = channel.receive()
         for line in lines:
+            if line.startswith("totals "):
+                self.totals.carry(line[7:])
+                continue
+            if self._canary_line(line):
+                continue
             notice = {"appointed": Event.APPOINTED_NOTICE, "main": Event.MAIN_NOTICE,
                       "stop": Event.STOP_NOTICE}.get(line)
             if notice is None:
@@ -61,6 +66,8 @@ class Takeover:
 
     def on_predecessor_gone(self, **_) -> None:
         self.inherited.close_predecessor()
+        if self.multiproc is not None and self.state.main:
+            self.multiproc.fold_from(self.number - 1)
         if self.state is State.TAKING_OVER:
             log.info("the previous generation has gone: generation %d serves alone", self.number)
             self.state = State.SERVING

@@ -11,6 +11,8 @@ from typing import Callable
 from .. import exitcodes
 from ..notify import monotonic_usec
 from . import preflight
+from .canary import CANARY_ENV
+from .exposition import METRICS_FDNAME
 from .handoff import CONTROL_FDNAME, successor_environment
 from .policy import Event, State
 from .succession import Outcome, Stage, Succession
@@ -21,14 +23,21 @@ BARRIER_TIMEOUT = 2.0
 
 
 class Upgrades:
-    def on_start_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+    def on_start_upgrade(self, source: str = "", watcher: Callable | None = None, canary: int | None = None,
+                         **_) -> None:
         nxt = self.number + 1
+        canary = self.config.upgrade.canary if canary is None else canary
         try:
+            if canary and canary >= len(self.pool.slots):
+                raise preflight.UpgradeRefused(
+                    f"--canary {canary} needs more than {canary} workers: generation {self.number} has "
+                    f"{len(self.pool.slots)} (the canary takes K of them; the rest keep serving)")
             plan = preflight.check(self.config, self.argv)
         except preflight.UpgradeRefused as exc:
             log.error("upgrade requested by %s refused: %s", source, exc)
             now = time.monotonic()
             self.last_upgrade = Outcome(False, nxt, f"refused: {exc}", started=now, finished=now)
+            self.count_upgrade("refused")
             if watcher:
                 watcher({"event": "refused", "text": f"upgrade refused: {exc}", "generation": nxt})
             return
@@ -36,12 +45,14 @@ class Upgrades:
         succession = Succession(self.loop, plan, nxt, timeout=self.config.upgrade.timeout,
                                 graceful_timeout=self.config.workers.graceful_timeout,
                                 report=self._successor_report)
+        succession.canary = canary
         if watcher:
             succession.watchers.append(watcher)
         self.systemd.send(reloading=1, monotonic_usec=monotonic_usec(), status=f"upgrading to generation {nxt}")
         succession.emit("preflight", f"pre-flight passed: {plan.exec_path} in {plan.directory} -> {plan.release}")
         try:
-            succession.start(self._handed_fds(), self.argv, self._successor_env(nxt))
+            succession.start(self._handed_fds(), self.argv, {**self._successor_env(nxt),
+                                                             **({CANARY_ENV: str(canary)} if canary else {})})
         except OSError as exc:
             reason = f"could not start generation {nxt}: {exc.strerror or exc}"
             log.error("upgrade failed: %s; generation %d keeps serving", reason, self.number)
@@ -56,6 +67,8 @@ class Upgrades:
         named = [(listener.fd, listener.name) for listener in self.listeners]
         if self.control_sock is not None:
             named.append((self.control_sock.fileno(), CONTROL_FDNAME))
+        if self.metrics_sock is not None:
+            named.append((self.metrics_sock.fileno(), METRICS_FDNAME))
         return named
 
     def _successor_env(self, nxt: int) -> dict[str, str]:
@@ -83,10 +96,13 @@ class Upgrades:
             if watcher:
                 watcher({"event": "refused", "text": f"upgrade refused: {why}", "generation": self.number + 1})
 
-    def _successor_report(self, what: str, reason: str = "") -> None:
+    def _successor_report(self, what: str, reason: str = "", figures: dict | None = None) -> None:
         event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED,
-                 "gone": Event.SUCCESSOR_GONE}[what]
-        self.handle(event, reason=reason) if reason else self.handle(event)
+                 "gone": Event.SUCCESSOR_GONE, "figures": Event.CANARY_FIGURES}[what]
+        if what == "figures":
+            self.handle(event, figures=figures)
+        else:
+            self.handle(event, reason=reason) if reason else self.handle(event)
 
     def on_commit(self, **_) -> None:
         succession = self.succession
@@ -107,7 +123,8 @@ class Upgrades:
 
     def on_hand_over(self, **_) -> None:
         succession = self.succession
-        if not succession.hand_over(stop=self.pending_stop):
+        self.count_upgrade("ok", succession)
+        if not succession.hand_over(stop=self.pending_stop, totals=self.totals.as_json(self.pool.restarts)):
             log.error("could not tell generation %d it is main: it has gone; systemd decides what follows",
                       succession.generation)
         log.info("handed over to generation %d (pid %d); draining %d worker(s)", succession.generation,
@@ -121,6 +138,7 @@ class Upgrades:
         self.exit_code_pending = exitcodes.OK
         if self.control is not None:
             self.control.stop_accepting()   # new requests go to the new main; ours finish
+        self._stop_metrics()
         self._close_listeners()
         self.pool.drain()
         self._maybe_exit()
@@ -132,6 +150,8 @@ class Upgrades:
         succession = self.succession
         if succession is None:
             return
+        if self.multiproc is not None and succession.stage is not Stage.DONE:
+            self.multiproc.fold_from(succession.generation)   # what its workers served is ours
         if self.state is State.COMMITTED:
             self._reclaim(succession)
             return
@@ -162,10 +182,11 @@ class Upgrades:
             self.pending_stop = False
             self.handle(Event.STOP, source="the stop that reached us in the barrier window")
 
-    def _upgrade_over(self, succession: Succession, reason: str) -> None:
+    def _upgrade_over(self, succession: Succession, reason: str, outcome: str = "failed") -> None:
         """A failed upgrade: READY=1 with the reason, then (once systemd took it, so that a failed
         `systemctl reload` finds the unit active again) the waiting clients hear why."""
         self.last_upgrade = succession.outcome(False, reason)
+        self.count_upgrade(outcome, succession)
         status = f"upgrade to generation {succession.generation} failed: {reason.splitlines()[0]}"
         if self.state is not State.STOPPING:
             self._last_status = status

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, metavar="SECONDS",
                     help="give up waiting after this long (default: wait for the master's outcome)")
     up.add_argument("--no-wait", action="store_true", help="return once the new generation was started")
+    up.add_argument("--canary", type=int, metavar="K", help="start the next generation with K workers, judge "
+                    "its 5xx rate and crashes after upgrade.canary_duration, then promote or roll it back")
+    sub.add_parser("metrics", help="the Prometheus text of [metrics] listen, whether or not it is set")
     sub.add_parser("restart", help="rolling restart of the workers, same generation")
     scale = sub.add_parser("scale", help="set the number of workers: N, +N or -N")
     scale.add_argument("count", metavar="N|+N|-N")
@@ -185,6 +188,8 @@ def run(args) -> int:
     message = {"cmd": args.command}
     if args.command == "upgrade":
         message["no_wait"] = args.no_wait
+        if args.canary is not None:
+            message["canary"] = args.canary
     if args.command == "scale":
         message["count"] = args.count
     timeout = getattr(args, "timeout", None)
@@ -200,6 +205,8 @@ def run(args) -> int:
             if unit:
                 status["unit"] = unit_state(unit)
             print(json.dumps(status, indent=2) if args.json else format_status(status))
+        elif args.command == "metrics" and event["ok"]:
+            sys.stdout.write(event.get("metrics", ""))
         elif event.get("text") and not event["ok"]:
             print(event["text"], file=sys.stderr)
         elif event.get("text") and event["text"] != last:

@@ -1,0 +1,105 @@
+"""`[metrics] multiprocess = true`: cadenza owns the application's PROMETHEUS_MULTIPROC_DIR
+(DESIGN §9; prometheus_client #115 and #275 are what happens when nobody does).
+
+- Each generation has a fresh directory, RUNTIME/metrics/gen-N (RUNTIME: the control socket's
+  directory), made 0700 before its first worker and given to its workers and its preloader.
+- A worker that exited has its files merged into the directory's archive files and removed
+  (`merge`, with prometheus_client's mark_process_dead for its live gauges), so the files stay
+  bounded however often workers are recycled, and the application's counters stay whole.
+- A generation's directory goes away with it, folded into its successor's (`fold`): the main
+  master folds its predecessor's once that one has gone, and a master folds the directory of a
+  next generation that failed (its workers may have served a few requests). A fresh start
+  (generation 1, or no predecessor) removes the directories that no process owns (`prune`).
+
+The work is cadenza/tools/multiproc.py, run as a child with the release's own Python, one at a
+time (the tool also locks the directory), reaped by the loop like every child. The master never
+imports prometheus_client. A tool that fails is logged with its exit status; its pids are not
+retried (their files stay, and the fold at the generation's end takes them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .process import describe_status
+
+log = logging.getLogger("cadenza.master")
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class MultiprocDirs:
+    def __init__(self, loop, base: Path, number: int):
+        self.loop, self.base, self.number = loop, base, number
+        self.path = base / f"gen-{number}"
+        self.queue: list[list[str]] = []
+        self.pending: list[int] = []     # dead workers not merged yet
+        self.running: int | None = None
+
+    @classmethod
+    def setup(cls, gen) -> MultiprocDirs | None:
+        base = Path(gen.control_sock.getsockname()).parent / "metrics" if gen.control_sock is not None else None
+        if base is None:
+            return None
+        dirs = cls(gen.loop, base, gen.number)
+        try:
+            base.mkdir(mode=0o700, exist_ok=True)
+            dirs.path.mkdir(mode=0o700)
+        except FileExistsError:      # left by a master of this number that was killed: start afresh
+            dirs.remove()
+            dirs.path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            log.error("metrics.multiprocess: cannot create %s: %s; the workers run without "
+                      "%s", dirs.path, exc.strerror or exc, ENV)
+            return None
+        gen.pool.spec.env[ENV] = str(dirs.path)
+        if not gen.inherited.heir:
+            dirs._run("prune", str(base), dirs.path.name)
+        return dirs
+
+    def dead(self, pid: int) -> None:
+        self.pending.append(pid)
+        self._next()
+
+    def fold_from(self, number: int) -> None:
+        """Generation `number` is gone: its figures join ours."""
+        self._run("fold", str(self.base / f"gen-{number}"), str(self.path))
+
+    def remove(self) -> None:
+        """Its figures have nowhere to go (the service stops, or it is a stale directory): it goes,
+        now (systemd removes RuntimeDirectory= at the stop too, `cadenza run` has none)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _run(self, *args: str) -> None:
+        self.queue.append(list(args))
+        self._next()
+
+    def _next(self) -> None:
+        if self.running is not None:
+            return
+        if self.queue:
+            args = self.queue.pop(0)
+        elif self.pending:
+            args, self.pending = ["merge", str(self.path), *map(str, self.pending)], []
+        else:
+            return
+        argv = [sys.executable, "-m", "cadenza.tools.multiproc", *args]
+        try:
+            pid = os.posix_spawn(sys.executable, argv, {k: v for k, v in os.environ.items() if k != ENV})
+        except OSError as exc:
+            log.error("metrics.multiprocess: cannot run %s: %s; retried with the next worker's exit",
+                      " ".join(argv[1:4]), exc.strerror or exc)
+            return
+        self.running = pid
+        self.loop.watch_child(pid, lambda status, a=args: self._done(a, status))
+
+    def _done(self, args: list[str], status: int) -> None:
+        self.running = None
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            log.error("metrics.multiprocess: %s %s %s", " ".join(args[:2]), describe_status(status),
+                      "(its reason is above)")
+        self._next()
