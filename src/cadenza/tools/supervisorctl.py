@@ -248,6 +248,11 @@ def format_status(st: dict) -> str:
     if up:
         lines.append(f"  upgrading to generation {up['generation']} (pid {up['pid']}, {up['state']}, "
                      f"{up.get('progress') or 'starting'}) from {up['release']}")
+    canary = st.get("canary")
+    if canary:
+        when = f", judged in {canary['judging_in']}s" if canary.get("judging_in") is not None else ""
+        lines.append(f"  canary    generation {canary['generation']} (pid {canary['pid']}) with "
+                     f"{canary['workers']} worker(s): {canary['state']}{when}")
     last = st.get("last_upgrade")
     if last:
         verdict = "ok" if last["ok"] else f"FAILED: {last['reason']}"
