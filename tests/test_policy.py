@@ -101,3 +101,49 @@ def test_a_preloader_is_replaced_only_where_workers_may_still_be_started():
     # Workers forked from a replaced preloader are rolled onto the new one only while serving.
     assert {s for s in State if decide(s, Event.PRELOADER_READY) == "preloader_replaced"} == \
         {State.SERVING, State.TAKING_OVER}
+
+
+CANARY_STATES = (State.CANARY, State.PROMOTING, State.ROLLING_BACK)
+
+
+def test_during_a_canary_counts_are_the_gate_s_a_second_upgrade_joins_a_stop_ends_both():
+    for state in CANARY_STATES:
+        assert state.main, state
+        for event in (Event.GROW, Event.SHRINK, Event.RESTART, Event.ROLLBACK):
+            cell = decide(state, event)
+            assert isinstance(cell, Refuse) and "running a canary" in cell.why, (state, event)
+        assert decide(state, Event.UPGRADE) == "join_upgrade"
+        assert decide(state, Event.STOP) == "stop"                       # the succession is told to stop
+        assert decide(state, Event.STOP_NOW) == "stop_now"
+        assert decide(state, Event.SUCCESSOR_GONE) == "canary_gone"      # the canary's master crashed
+        assert decide(state, Event.RESPAWN) == "respawn"                 # N stays whole at count - K
+        assert isinstance(decide(state, Event.RECYCLE), Ignore)
+    assert decide(State.UPGRADING, Event.SUCCESSOR_READY) == "successor_ready"   # commit, or the canary
+    assert decide(State.CANARY, Event.CANARY_DUE) == "judge_canary"
+    assert decide(State.CANARY, Event.CANARY_FIGURES) == "canary_figures"
+    assert decide(State.PROMOTING, Event.SUCCESSOR_READY) == "promoted_ready"
+    assert decide(State.ROLLING_BACK, Event.WORKERS_READY) == "canary_restored"
+    assert isinstance(decide(State.CANARY, Event.SUCCESSOR_READY), Ignore)
+    # The canary's side: it grows only when told, in STANDBY.
+    assert decide(State.STANDBY, Event.PROMOTE_NOTICE) == "grow_to_count"
+    assert {s for s in State if isinstance(decide(s, Event.PROMOTE_NOTICE), str)} == {State.STANDBY}
+
+
+def test_a_warm_generation_takes_no_request_and_leaves_on_a_stop_a_crash_or_its_window():
+    assert not State.WARM.main
+    for event in (Event.GROW, Event.SHRINK, Event.RESTART, Event.UPGRADE, Event.ROLLBACK):
+        cell = decide(State.WARM, event)
+        assert isinstance(cell, Refuse) and "kept for a rollback" in cell.why, event
+    for event in (Event.STOP, Event.STOP_NOTICE, Event.WARM_EXPIRED, Event.PREDECESSOR_GONE):
+        assert decide(State.WARM, event) == "warm_expired", event
+    assert decide(State.WARM, Event.STOP_NOW) == "stop_now"
+    assert decide(State.WARM, Event.ROLLBACK_NOTICE) == "roll_back"
+    assert isinstance(decide(State.WARM, Event.RESPAWN), Ignore)
+    # The main generation's side: a rollback only from SERVING (its predecessor drained, then warm).
+    assert {s for s in State if decide(s, Event.ROLLBACK) == "start_rollback"} == {State.SERVING}
+    assert decide(State.TAKING_OVER, Event.WARM_NOTICE) == "predecessor_warm"
+    assert decide(State.SERVING, Event.PREDECESSOR_GONE) == "predecessor_gone"       # the warm one left
+    # A second upgrade during the window starts (and tells the warm one to leave first).
+    assert decide(State.SERVING, Event.UPGRADE) == "start_upgrade"
+    for state in (State.UPGRADING, State.COMMITTED, State.LEAVING):
+        assert decide(state, Event.PREDECESSOR_GONE) == "predecessor_gone", state

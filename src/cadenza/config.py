@@ -88,6 +88,7 @@ class UpgradeSection:
     canary: int = 0                   # workers the next generation starts with first; 0: no canary
     canary_duration: float = 60.0     # seconds the canary serves before it is judged
     canary_max_error_rate: float = 0.01   # its 5xx share may exceed the old one's by this much
+    rollback_window: float = 0.0      # seconds a generation that handed over stays warm; 0: off
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
                 "max_lifetime": _seconds_or_off, "max_memory": _integer(0, MAX_MEMORY_MB),
                 "timeout": _seconds_or_off},
     "upgrade": {"timeout": _seconds, "canary": _integer(0, MAX_WORKERS), "canary_duration": _seconds,
-                "canary_max_error_rate": _fraction},
+                "canary_max_error_rate": _fraction, "rollback_window": _seconds_or_off},
     "control": {"socket": _socket_path,
                 "allow_users": _string_list("user names", allow_empty=True),
                 "allow_groups": _string_list("group names", allow_empty=True),

@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import time
 
-from ..daemon.policy import Event
+from ..daemon.policy import Event, State
 from ..daemon.recycle import uss
 from . import protocol as P
 
 
 def run(gen, client, cmd: str, request: dict) -> None:
-    {"status": status, "metrics": metrics, "upgrade": upgrade, "restart": restart, "scale": scale,
-     "stop": stop}[cmd](gen, client, request)
+    {"status": status, "metrics": metrics, "upgrade": upgrade, "rollback": rollback, "restart": restart,
+     "scale": scale, "stop": stop}[cmd](gen, client, request)
 
 
 def status(gen, client, request: dict) -> None:
@@ -31,11 +31,21 @@ def metrics(gen, client, request: dict) -> None:
 
 
 def upgrade(gen, client, request: dict) -> None:
-    no_wait = bool(request.get("no_wait"))
     canary = request.get("canary")
     if canary is not None and (isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= 1024):
         client.finish(P.USAGE, f"--canary needs a number of workers from 0 to 1024, got {canary!r}")
         return
+    gen.handle(Event.UPGRADE, source=f"supervisorctl ({client.describe()})", watcher=_watcher(gen, client, request),
+               canary=canary)
+
+
+def rollback(gen, client, request: dict) -> None:
+    """Back to the warm generation (warm.py); answered like an upgrade."""
+    gen.handle(Event.ROLLBACK, source=f"supervisorctl ({client.describe()})", watcher=_watcher(gen, client, request))
+
+
+def _watcher(gen, client, request: dict):
+    no_wait = bool(request.get("no_wait"))
 
     def watch(event: dict) -> None:
         client.send(event)
@@ -48,10 +58,14 @@ def upgrade(gen, client, request: dict) -> None:
             # Done when this (old) generation has drained: the caller's connection ends with it.
             # `exiting` names this master: the caller waits for it to be gone too, since "reload
             # returned" must mean that nothing runs from the old release any more (DESIGN §1).
-            gen.wait_until(lambda: gen.exit_code is not None, lambda: client.finish(
-                P.OK, f"generation {event['generation']} serves; generation {gen.number} drained",
-                exiting=os.getpid()))
-    gen.handle(Event.UPGRADE, source=f"supervisorctl ({client.describe()})", watcher=watch, canary=canary)
+            # A generation that stays warm (warm.py) does not exit: done once it is warm, and once the
+            # one that was warm before it (told to leave by this upgrade) has gone.
+            gen.wait_until(lambda: (gen.exit_code is not None or gen.state is State.WARM)
+                           and gen.warm is None, lambda: client.finish(
+                P.OK, f"generation {event['generation']} serves; generation {gen.number} drained"
+                + (" and is warm for a rollback" if gen.state is State.WARM else ""),
+                exiting=None if gen.state is State.WARM else os.getpid()))
+    return watch
 
 
 def restart(gen, client, request: dict) -> None:
@@ -119,6 +133,7 @@ def describe(gen) -> dict:
         "target_workers": len(gen.pool.slots),
         "preloader": gen.preloader.describe() if gen.preloader is not None else None,
         "canary": gen.canary_describe(),
+        "warm": gen.warm_describe(),
         "listeners": [listener.describe() for listener in gen.listeners],
         "last_upgrade": gen.last_upgrade.as_dict() if gen.last_upgrade else None,
         "upgrading": None,

@@ -17,7 +17,7 @@ from ..exitcodes import CTL_USAGE as USAGE
 __all__ = ["OK", "FAILED", "USAGE", "UNREACHABLE", "DENIED", "COMMANDS", "READ_ONLY", "MAX_REQUEST",
            "BadRequest", "BadAnswer", "encode", "parse_request", "parse_event", "done"]
 
-COMMANDS = ("status", "metrics", "upgrade", "restart", "scale", "stop")
+COMMANDS = ("status", "metrics", "upgrade", "rollback", "restart", "scale", "stop")
 READ_ONLY = frozenset({"status", "metrics"})
 MAX_REQUEST = 64 * 1024
 

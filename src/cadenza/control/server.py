@@ -275,6 +275,12 @@ class ControlServer:
         if self.accepting:
             self.loop.add_reader(self.sock, self._on_accept)
 
+    def start_accepting(self) -> None:
+        """Main again (a rollback to a warm generation, daemon/warm.py)."""
+        if not self.accepting:
+            self.accepting = True
+            self.loop.add_reader(self.sock, self._on_accept)
+
     def stop_accepting(self) -> None:
         if self.accepting:
             self.accepting = False

@@ -144,7 +144,7 @@ def _cleanup(generation: Generation) -> None:
     # lead to them (a stale path is replaced at the next bind anyway).
     last = (generation.state is State.STOPPING and generation.exit_code != exitcodes.UNCLEAN_HANDOVER
             and (not generation.inherited.heir or generation.last_upgrade is not None and generation.control)
-            and not generation.fd_store)
+            and not generation.fd_store and not generation.left_warm)
     if generation.exposition is not None:
         generation.exposition.close()
     if last and generation.multiproc is not None:

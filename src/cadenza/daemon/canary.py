@@ -62,6 +62,15 @@ def figures_of(gen) -> dict:
             "ready": gen.pool.ready_count()}
 
 
+def parse_figures(text: str) -> dict | None:
+    """A canary's answer to "report": counts, or None when they do not parse."""
+    try:
+        data = json.loads(text)
+        return {key: int(data[key]) for key in ("responses", "errors", "crashes", "ready")}
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def judge(old: dict, new: dict, max_rate: float, old_gen: int, new_gen: int) -> tuple[bool, str]:
     """(passed, the figures of both): N+1's 5xx rate may exceed N's by max_rate; it may not crash
     more often than N did over the same time."""

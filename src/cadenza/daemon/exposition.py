@@ -58,6 +58,11 @@ class Exposition:
                 continue
             self.clients.add(_Scrape(self, conn))
 
+    def start_accepting(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            self.loop.add_reader(self.sock, self._accept)
+
     def stop_accepting(self) -> None:
         """Not main any more: the next main answers (scrapes under way finish)."""
         if self.accepting:

@@ -26,6 +26,7 @@ from .handoff import Inheritance
 from .loop import Loop
 from .canary import Canary
 from .metrics import Metrics
+from .warm import Warm
 from .policy import Event, Ignore, Refuse, State, decide, refusal
 from .pool import Pool, Spec
 from .preloading import Preloader
@@ -43,7 +44,7 @@ SIGNALS = {signal.SIGTERM: Event.STOP, signal.SIGQUIT: Event.STOP, signal.SIGINT
            signal.SIGUSR2: Event.UPGRADE}
 
 
-class Generation(Upgrades, Takeover, Metrics, Canary):
+class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
 
     def __init__(self, loop: Loop, config: Config, listeners: list, notifier: Notifier, inherited: Inheritance,
                  *, release: str, argv: list[str], control_sock, control_owned: bool, bound_here: bool,
@@ -140,7 +141,7 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
                  self.release, ", ".join(l.describe() for l in self.listeners))
         # The generation's deadline comes before its workers' own (same length, set earlier): it
         # finds every worker that never said READY=1 still there, not already killed and reaped.
-        self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
+        self._start_timer = self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
         if self.preloader is not None:
             self.preloader.start()    # the slots below wait for it to be ready
         for _ in range(self.canary_workers or self.config.workers.count):
@@ -155,6 +156,8 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
     def _start_control(self) -> None:
         if self.control_sock is not None and self.control is None:
             self.control = self._serve_control(self)
+        elif self.control is not None:
+            self.control.start_accepting()      # main again: a rollback (warm.py)
         self._start_metrics()
 
     def _on_notify(self) -> None:
@@ -192,6 +195,7 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
             self.inherited.say(f"progress workers ready {self.pool.ready_count()}/{len(self.pool.slots)}")
         if not self.pool.all_ready():
             return
+        self._start_timer.cancel()
         self.ready_after = round(time.monotonic() - self.started, 3)
         log.info("generation %d serving: %d/%d workers ready after %.2fs", self.number, len(self.pool.slots),
                  len(self.pool.slots), self.ready_after)
@@ -219,7 +223,6 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
             self.handle(Event.START_FAILED, reason=f"{slot.failures} failed starts in a row (last: {slot.last_death})")
             return
         self.pool.respawn(slot)
-
 
     def on_recycle(self, slot, cause: str, detail: str, **_) -> None:
         self.pool.recycler.recycle(slot, cause, detail)
@@ -306,6 +309,7 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
         if self.succession is not None and self.succession.stage is Stage.BOOTING:
             self.succession.fail("the service is stopping")
         self._answer_deferred("the service is stopping")
+        self.dismiss_warm("the service stops")
         self.state = State.STOPPING
         self._close_listeners()
         if kill:
@@ -342,6 +346,9 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
     def _maybe_exit(self) -> None:
         if self.state not in (State.STOPPING, State.LEAVING) or self.pool.pids():
             return
+        if self.state is State.LEAVING and self.warm_window() > 0:
+            self._go_warm()
+            return
         if self.state is State.STOPPING:
             if self.succession is not None and self.succession.stage is not Stage.DONE and self.succession.alive():
                 return   # a next generation that was told to stop is still draining
@@ -363,32 +370,6 @@ class Generation(Upgrades, Takeover, Metrics, Canary):
         self._waits = [w for w in self._waits if w not in done]
         for _, then in done:
             then()
-
-    def status_text(self) -> str:
-        pool = self.pool
-        # A new main serves while its predecessor drains: "serving" is what an operator needs to read.
-        label = "serving" if self.state is State.TAKING_OVER else self.state.value
-        text = f"generation {self.number} {label}: {pool.ready_count()}/{len(pool.slots)} workers ready"
-        waiting = [s.last_death for s in pool.slots.values() if s.worker is None and s.last_death]
-        if waiting:
-            text += "; " + waiting[0]
-        if self.state is State.TAKING_OVER:
-            text += f"; generation {self.number - 1} still draining"
-        if pool.recycler.rolling():
-            text += "; rolling restart"
-        if self.preloader is not None and not self.preloader.ready and self.state not in (State.LEAVING, State.STOPPING):
-            text += "; preloader " + ("importing the application" if self.preloader.pid else "down")
-            if self.preloader.failure:
-                text += f" (last: {self.preloader.failure})"
-        return text
-
-    def _publish_status(self) -> None:
-        self._check_waits()
-        text = self.status_text()
-        # A next generation's notifier is muted until it is main: only the main master speaks.
-        if text != self._last_status and self.state not in (State.COMMITTED, State.LEAVING, State.STOPPING):
-            self._last_status = text
-            self.systemd.send(status=text)
 
     def _watchdog_field(self) -> dict[str, int]:
         return {"watchdog": 1} if self.watchdog_usec else {}

@@ -1,4 +1,5 @@
-"""The master's figures and their Prometheus text (DESIGN §9). Part of Generation (`Metrics`).
+"""What the master says of itself: STATUS= for systemd, and its figures as Prometheus text
+(DESIGN §9). Part of Generation (`Metrics`).
 
 Where each figure lives, and why counters never go backwards:
 
@@ -28,6 +29,7 @@ import time
 from collections import Counter
 
 from ..figures import CLASSES, LATENCY_BUCKETS, Figures
+from .policy import State
 
 log = logging.getLogger("cadenza.master")
 
@@ -76,6 +78,7 @@ class Totals:
         self.upgrades: Counter = Counter()
         self.buckets = [0] * (len(UPGRADE_BUCKETS) + 1)
         self.seconds = 0.0
+        self.generations = 0                      # the highest generation number started
 
     def upgrade(self, outcome: str, seconds: float | None) -> None:
         self.upgrades[outcome] += 1
@@ -83,27 +86,35 @@ class Totals:
             self.buckets[next((i for i, b in enumerate(UPGRADE_BUCKETS) if seconds <= b), -1)] += 1
             self.seconds += seconds
 
-    def as_json(self, restarts: Counter) -> str:
+    def as_json(self, restarts: Counter, generations: int) -> str:
         return json.dumps({"restarts": dict(self.restarts + restarts), "upgrades": dict(self.upgrades),
-                           "buckets": self.buckets, "seconds": self.seconds}, separators=(",", ":"))
+                           "buckets": self.buckets, "seconds": self.seconds,
+                           "generations": max(self.generations, generations)}, separators=(",", ":"))
 
-    def carry(self, text: str) -> None:
-        """What the previous generation counted (a peer of ours, but checked all the same)."""
+    def carry(self, text: str, own: Counter | None = None) -> None:
+        """What the previous generation counted (a peer of ours, but checked all the same). `own`:
+        we are a warm generation rolled back to (warm.py), whose totals, and its own restarts
+        `own`, the sender's already hold: they are replaced, not added to."""
         try:
             data = json.loads(text)
             restarts = {k: int(v) for k, v in data["restarts"].items() if k in RESTART_CAUSES}
             upgrades = {k: int(v) for k, v in data["upgrades"].items() if k in OUTCOMES}
             buckets = [int(v) for v in data["buckets"]]
             seconds = float(data["seconds"])
+            generations = int(data.get("generations", 0))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             log.error("internal error: the previous generation's totals are unreadable (%s); "
                       "this generation counts from 0", exc)
             return
+        if own is not None:
+            self.__init__()
+            restarts = {k: v - own[k] for k, v in restarts.items()}
         if len(buckets) == len(self.buckets):
             self.restarts.update(restarts)
             self.upgrades.update(upgrades)
             self.buckets = [a + b for a, b in zip(self.buckets, buckets)]
             self.seconds += seconds
+            self.generations = max(self.generations, generations)
 
 
 class Metrics:
@@ -130,6 +141,8 @@ class Metrics:
         if self.metrics_sock is not None and self.exposition is None:
             from .exposition import Exposition
             self.exposition = Exposition(self.loop, self.metrics_sock, self.metrics_text)
+        elif self.exposition is not None:
+            self.exposition.start_accepting()
 
     def _stop_metrics(self) -> None:
         if self.exposition is not None:
@@ -137,6 +150,34 @@ class Metrics:
 
     def count_upgrade(self, outcome: str, succession=None) -> None:
         self.totals.upgrade(outcome, time.monotonic() - succession.started if succession is not None else None)
+
+    # ---- STATUS= ------------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        pool = self.pool
+        # A new main serves while its predecessor drains: "serving" is what an operator needs to read.
+        label = "serving" if self.state is State.TAKING_OVER else self.state.value
+        text = f"generation {self.number} {label}: {pool.ready_count()}/{len(pool.slots)} workers ready"
+        waiting = [s.last_death for s in pool.slots.values() if s.worker is None and s.last_death]
+        if waiting:
+            text += "; " + waiting[0]
+        if self.state is State.TAKING_OVER:
+            text += f"; generation {self.number - 1} still draining"
+        if pool.recycler.rolling():
+            text += "; rolling restart"
+        if self.preloader is not None and not self.preloader.ready and self.state not in (State.LEAVING, State.STOPPING):
+            text += "; preloader " + ("importing the application" if self.preloader.pid else "down")
+            if self.preloader.failure:
+                text += f" (last: {self.preloader.failure})"
+        return text
+
+    def _publish_status(self) -> None:
+        self._check_waits()
+        text = self.status_text()
+        # A next generation's notifier is muted until it is main: only the main master speaks.
+        if text != self._last_status and self.state not in (State.COMMITTED, State.LEAVING, State.STOPPING):
+            self._last_status = text
+            self.systemd.send(status=text)
 
     # ---- the text -----------------------------------------------------------------------
 
@@ -161,7 +202,7 @@ class Metrics:
         family("cadenza_upgrades_total", [({"outcome": o}, self.totals.upgrades[o]) for o in OUTCOMES])
         family.histogram("cadenza_upgrade_duration_seconds", [({}, self.totals.buckets, self.totals.seconds)],
                          UPGRADE_BUCKETS)
-        family("cadenza_generations_total", [({}, self.number)])
+        family("cadenza_generations_total", [({}, max(self.number, self.totals.generations))])
         for extra in getattr(self, "extra_metrics", lambda: [])():
             family(*extra)
         return "\n".join(out) + "\n"

@@ -11,6 +11,7 @@ guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
                                       └─(fails)─► SERVING
     with a canary (N):  UPGRADING ─► CANARY ─► PROMOTING ─► COMMITTED ...
                                         └─(gate)─► ROLLING_BACK ─► SERVING   (canary.py)
+    with a rollback window (N): LEAVING ─► WARM ─► (gone)    or, rolled back, WARM ─► STARTING ─► ...
     any state ──stop──► STOPPING ─► (gone)           (LEAVING keeps draining)
 
 - STANDBY: our workers are ready and the predecessor knows it; it has not named us in MAINPID=.
@@ -19,6 +20,8 @@ guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
 - CANARY: N+1 serves with K workers, we with count − K; judged after canary_duration.
 - PROMOTING: the canary passed; N+1 grows to its count, then we commit as in any upgrade.
 - ROLLING_BACK: the canary failed; we grow back, then N+1 is stopped.
+- WARM: we handed over and drained; kept for `supervisorctl rollback` for upgrade.rollback_window
+  (warm.py), with no worker, no MainPID, no control socket.
 - COMMITTED: we sent MAINPID= for the successor. From here the hand-over cannot be undone:
   nothing we do may stop, kill or disown the successor; a stop is forwarded to it.
 """
@@ -42,6 +45,7 @@ class State(enum.Enum):
     COMMITTED = "committed"
     LEAVING = "leaving"
     STOPPING = "stopping"
+    WARM = "warm"
 
     @property
     def main(self) -> bool:
@@ -61,6 +65,7 @@ class Event(enum.Enum):
     RESTART = "rolling restart"         # HUP, `supervisorctl restart`
     GROW = "add a worker"               # TTIN, `supervisorctl scale`
     SHRINK = "remove a worker"          # TTOU, `supervisorctl scale`
+    ROLLBACK = "rollback"               # `supervisorctl rollback`
     # our own workers
     WORKERS_READY = "all workers ready"
     START_FAILED = "start failed"       # ready_timeout passed, or workers keep failing
@@ -84,9 +89,13 @@ class Event(enum.Enum):
     CANARY_FIGURES = "canary figures"   # N+1 answered "report" (or did not, in time)
     # the predecessor runs us as its canary
     PROMOTE_NOTICE = "told to grow"
+    # the rollback window (warm.py)
+    WARM_NOTICE = "predecessor warm"    # N drained and stays warm for a rollback
+    ROLLBACK_NOTICE = "told to roll back"
+    WARM_EXPIRED = "rollback window over"   # its timer, or N+1 said "expire"
 
 
-REQUESTS = (Event.STOP, Event.STOP_NOW, Event.UPGRADE, Event.RESTART, Event.GROW, Event.SHRINK)
+REQUESTS = (Event.STOP, Event.STOP_NOW, Event.UPGRADE, Event.RESTART, Event.GROW, Event.SHRINK, Event.ROLLBACK)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ _STOPPING = Refuse("stopping: it drains and exits, and starts nothing new")
 _STARTING = Refuse("starting: wait until it serves")
 _CANARY = Refuse("running a canary: wait until it is promoted or rolled back (supervisorctl status)")
 _IN_CANARY = ("CANARY", "PROMOTING", "ROLLING_BACK")
+_WARM = Refuse("warm: kept for a rollback, it serves again only if rolled back to; the main generation takes requests")
+_NOT_WARM = Ignore("not warm")
 
 
 def _canary(cell: Cell) -> dict[str, Cell]:
@@ -132,23 +143,33 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # predecessor to drain: exiting first would let systemd's final SIGKILL cut its requests.
     Event.STOP: _row(
         "stop", APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor",
-        COMMITTED="forward_stop", LEAVING="pass_stop_on", STOPPING=Ignore("already stopping")),
+        COMMITTED="forward_stop", LEAVING="pass_stop_on", STOPPING=Ignore("already stopping"),
+        WARM="warm_expired"),
     Event.STOP_NOW: _row(
         "stop_now", COMMITTED="forward_stop_now", LEAVING="stop_now", STOPPING="stop_now"),
     Event.UPGRADE: _row(
         _NOT_MAIN, SERVING="start_upgrade", UPGRADING="join_upgrade", TAKING_OVER="defer_upgrade",
         STARTING=_STARTING, COMMITTED="join_upgrade", LEAVING=_LEAVING, STOPPING=_STOPPING,
-        **_canary("join_upgrade")),
+        **_canary("join_upgrade"), WARM=_WARM),
     # During a canary the counts of both generations are the gate's: nothing changes them.
     Event.RESTART: _row(
         _NOT_MAIN, SERVING="restart", TAKING_OVER="restart", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY),
+        WARM=_WARM),
     Event.GROW: _row(
         _NOT_MAIN, SERVING="grow", TAKING_OVER="grow", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY),
+        WARM=_WARM),
     Event.SHRINK: _row(
         _NOT_MAIN, SERVING="shrink", TAKING_OVER="shrink", STARTING=_STARTING,
-        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY)),
+        UPGRADING=_UPGRADING, COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY),
+        WARM=_WARM),
+    # Back to the warm generation, the way an upgrade goes (warm.py). Only a main generation
+    # serving alone has one: while the previous one still drains, it is not warm yet.
+    Event.ROLLBACK: _row(
+        _NOT_MAIN, SERVING="start_rollback", STARTING=_STARTING, UPGRADING=_UPGRADING,
+        TAKING_OVER=Refuse("taking over: the previous generation still drains; once it has, it is warm"),
+        COMMITTED=_LEAVING, LEAVING=_LEAVING, STOPPING=_STOPPING, **_canary(_CANARY), WARM=_WARM),
     # A canary that passed grows in STANDBY and says "ready" again once all its workers are; a
     # rolled-back canary is stopped once our own workers are all back.
     Event.WORKERS_READY: _row(
@@ -160,14 +181,16 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # respawn reaching a leaving generation started an old-release worker, cut mid-request later).
     Event.RESPAWN: _row(
         "respawn", COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
-        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
+        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned"),
+        WARM=Ignore("warm: nothing is respawned")),
     # Exit 3 before any worker of the generation was ready: the release cannot serve, and
     # retrying until ready_timeout only hides the reason. Only a generation still starting (the
     # first, or an upgrade's next) can meet it; once one worker served, it is a crash like any other.
     Event.APP_FAILED: _row(
         "respawn", STARTING="app_failed",
         COMMITTED=Ignore("committed: the successor serves, nothing is respawned"),
-        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned")),
+        LEAVING=Ignore("leaving: nothing is respawned"), STOPPING=Ignore("stopping: nothing is respawned"),
+        WARM=Ignore("warm: nothing is respawned")),
     # Make-before-break needs a generation that starts workers; one about to be replaced by an
     # upgrade, or draining, lets its workers be.
     Event.RECYCLE: _row(
@@ -196,11 +219,14 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # N in the barrier window, and N forwards it).
     Event.STOP_NOTICE: _row(
         Ignore("the predecessor no longer decides"), STARTING="stop", STANDBY="stop",
-        APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor"),
+        APPOINTED="stop_after_predecessor", TAKING_OVER="stop_after_predecessor", WARM="warm_expired"),
     # Once named in MAINPID=, the predecessor's death ends the hand-over: we are main (DESIGN §4.1).
     Event.PREDECESSOR_GONE: _row(
         Ignore("no predecessor"), STARTING="orphaned", STANDBY="orphaned", APPOINTED="made_main",
-        TAKING_OVER="predecessor_gone", STOPPING="predecessor_gone"),
+        TAKING_OVER="predecessor_gone", STOPPING="predecessor_gone", SERVING="predecessor_gone",
+        # a warm predecessor told to leave by an upgrade (warm.py): the upgrade's answer waits for it
+        UPGRADING="predecessor_gone", COMMITTED="predecessor_gone", LEAVING="predecessor_gone",
+        **_canary("predecessor_gone"), WARM="warm_expired"),
     Event.SUCCESSOR_READY: _row(
         Ignore("no upgrade waits for readiness"), UPGRADING="successor_ready", PROMOTING="promoted_ready",
         CANARY=Ignore("the canary is judged after canary_duration"),
@@ -216,6 +242,9 @@ TABLE: dict[Event, dict[State, Cell]] = {
     Event.CANARY_DUE: _row(Ignore("no canary is judged"), CANARY="judge_canary"),
     Event.CANARY_FIGURES: _row(Ignore("no canary is judged"), CANARY="canary_figures"),
     Event.PROMOTE_NOTICE: _row(Ignore("not a canary waiting to grow"), STANDBY="grow_to_count"),
+    Event.WARM_NOTICE: _row(Ignore("no predecessor drains"), TAKING_OVER="predecessor_warm"),
+    Event.ROLLBACK_NOTICE: _row(_NOT_WARM, WARM="roll_back"),
+    Event.WARM_EXPIRED: _row(_NOT_WARM, WARM="warm_expired"),
 }
 
 

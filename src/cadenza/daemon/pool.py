@@ -14,10 +14,9 @@ detail)` asks the owner) and the watchdog's kill of a silent worker are recycle.
 Every signal goes to a worker's process group, and what remains of a group once its worker was
 reaped counts as running (`pids()`, drained or not) until it is gone: groups.py.
 
-A worker is started by the pool's *starter*: process.ExecStarter (fork + exec here) or, with
-preload, the generation's preloader (preloading.py), which forks it from the imported app. A
-starter that is not ready (a preloader still importing, or being replaced) leaves the slot
-waiting; `starter_ready()` fills the waiting slots.
+A worker is started by the pool's *starter*: process.ExecStarter (fork + exec) or the preloader
+(preloading.py), which forks it. A starter not ready (a preloader importing, or being replaced)
+leaves the slot waiting; `starter_ready()` fills the waiting slots.
 """
 
 from __future__ import annotations
@@ -47,9 +46,7 @@ STABLE_AFTER = 10.0
 
 def backoff_delay(failures: int) -> float:
     """0 for the first death of a stable worker, then 0.1 s doubling up to BACKOFF_CAP."""
-    if failures <= 0:
-        return 0.0
-    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP)
+    return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP) if failures > 0 else 0.0
 
 
 @dataclass
@@ -134,10 +131,10 @@ class Pool:
         self.slots: dict[int, Slot] = {}
         self.workers: dict[int, Worker] = {}
         self.recycler = Recycler(self)
-        self.draining = False
+        self.draining = self.starter_kept = False
         self._dead = (0, "")
         self._kill_timer: Timer | None = None
-        self.leftovers = groups.Leftovers(loop, spec.graceful_timeout, self._leftovers_gone)
+        self.leftovers = groups.Leftovers(loop, spec.graceful_timeout, self.check_drained)
         self.restarts: Counter = Counter()  # new workers by cause (recycle.py), for the metrics
         self.on_exit: Callable[[Worker], None] = lambda worker: None   # each worker's end (metrics.py)
 
@@ -312,13 +309,10 @@ class Pool:
                 log.warning("worker %d (pid %d) %s; not respawned", worker.id, worker.pid, how)
         self.check_drained()
 
-    def _leftovers_gone(self) -> None:
-        self.check_drained()
-
     def check_drained(self) -> None:
         """on_drained() once a draining pool has nothing left: no worker, no remnant of a worker's
         group, no preloader."""
-        if self.draining and not self.workers and not self.leftovers and not self.starter.pids():
+        if self.draining and not self.workers and not self.leftovers and not self._starter_pids():
             self._cancel_kill()
             self.on_drained()
 
@@ -347,10 +341,11 @@ class Pool:
             else:
                 signal_group(worker.pid, sig)
 
-    def drain(self, sig: int = signal.SIGTERM, bound: float | None = None) -> None:
+    def drain(self, sig: int = signal.SIGTERM, bound: float | None = None, keep_starter: bool = False) -> None:
         """Stop every worker (TERM: they finish their requests) and respawn none; on_drained()
-        follows once none is left. Stragglers get SIGKILL after graceful_timeout (or `bound`)."""
-        self.draining = True
+        follows once none is left. Stragglers get SIGKILL after graceful_timeout (or `bound`).
+        `keep_starter`: the preloader stays (a generation kept warm, warm.py)."""
+        self.draining, self.starter_kept = True, keep_starter
         self.recycler.clear()
         for slot in self.slots.values():
             if slot.respawn:
@@ -358,11 +353,12 @@ class Pool:
                 slot.respawn = None
         for worker in list(self.workers.values()):
             self.stop_worker(worker, sig)
-        self.starter.drain()
-        if self._kill_timer is None and (self.workers or self.leftovers or self.starter.pids()):
+        if not keep_starter:
+            self.starter.drain()
+        if self._kill_timer is None and (self.workers or self.leftovers or self._starter_pids()):
             seconds = self.spec.graceful_timeout if bound is None else bound
             self._kill_timer = self.loop.after(seconds, self._kill_stragglers)
-        if not self.workers and not self.leftovers and not self.starter.pids():
+        if not self.workers and not self.leftovers and not self._starter_pids():
             self.loop.after(0, self.on_drained)
 
     def _kill_stragglers(self) -> None:
@@ -392,7 +388,10 @@ class Pool:
 
     def pids(self) -> set[int]:
         """The workers, and the groups of reaped ones that still have members (by their old pid)."""
-        return set(self.workers) | self.leftovers.pgids() | self.starter.pids()
+        return set(self.workers) | self.leftovers.pgids() | self._starter_pids()
+
+    def _starter_pids(self) -> set[int]:
+        return set() if self.starter_kept else self.starter.pids()
 
 
 def _exit_code(status: int | None) -> int | None:

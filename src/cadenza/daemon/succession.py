@@ -1,8 +1,8 @@
 """An upgrade, seen from generation N: start N+1 from the pinned launcher and follow it.
 
 Invariants (DESIGN §4.1; the table in policy.py decides what each event does):
-- At most two generations: an upgrade starts only from SERVING, so never while a predecessor
-  drains or a failed successor is still stopping.
+- At most two generations with workers: an upgrade starts only from SERVING, never while a
+  predecessor drains or a failed successor stops; a warm one (warm.py) is told to leave first.
 - Nothing is forked before the pre-flight passed; a refusal says why and changes nothing.
 - N+1 is exec'd, by fd, from the launcher the pre-flight checked, in the *unresolved*
   `directory`: never from sys.executable or argv[0], whose release a deploy may have pruned.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import json
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import handoff
+from .canary import parse_figures
 from .groups import signal_tree
 from .loop import Loop, Timer, signal_process
 from .preflight import Plan
@@ -80,6 +80,7 @@ class Succession:
         self.watchers: list[Callable[[dict], None]] = []
         self.started = time.monotonic()
         self.canary = 0                  # K: N+1 starts as a canary of K workers (canary.py)
+        self.said_ready = False          # a canary stays BOOTING after its first "ready"
         self._chan: handoff.Channel | None = None
         self._out_r: int | None = None
         self._pidfd: int | None = None
@@ -118,6 +119,26 @@ class Succession:
         self._timers.append(self.loop.after(self.timeout, self._on_timeout))
         self.emit("started", f"generation {self.generation} started (pid {self.pid}) from {self.plan.exec_path} "
                              f"in {self.plan.directory} -> {self.plan.release}")
+
+    @classmethod
+    def adopt(cls, loop: Loop, generation: int, release: str, channel: handoff.Channel, pidfd: int, *,
+              timeout: float, graceful_timeout: float, report: Callable[..., None]) -> Succession:
+        """A rollback (warm.py): the warm predecessor, already running, is followed as an upgrade's N+1."""
+        succession = cls(loop, _Adopted(release), generation, timeout=timeout, graceful_timeout=graceful_timeout,
+                         report=report)
+        succession.pid = _pid_of(pidfd)
+        succession._chan, succession._pidfd = channel, pidfd
+        loop.add_reader(channel, succession._on_channel)
+        loop.add_reader(pidfd, succession._on_exit)
+        succession._timers.append(loop.after(timeout, succession._on_timeout))
+        return succession
+
+    def detach(self) -> tuple[handoff.Channel, int]:
+        """The kept channel and N+1's pidfd of a generation going warm, no longer watched here."""
+        channel, pidfd, self._chan, self._pidfd = self._chan, self._pidfd, None, None
+        self.loop.remove(channel)
+        self.loop.remove(pidfd)
+        return channel, pidfd
 
     # ---- what N+1 does ------------------------------------------------------------------
 
@@ -159,16 +180,18 @@ class Succession:
                 self.progress = text[:200]
                 self.emit("progress", f"generation {self.generation}: {self.progress}")
             elif verb == "ready" and self.stage is Stage.BOOTING:
+                self.said_ready = True
                 self.emit("ready", f"generation {self.generation} ready")
                 self.report("ready")
             elif verb == "failed":
                 self.fail(text[:2000])
             elif verb == "figures" and self.stage is Stage.BOOTING:
-                self.report("figures", figures=_figures(text))
+                self.report("figures", figures=parse_figures(text))
         if gone:
             self._close_channel()
             if self.stage is Stage.BOOTING:
-                self.fail(f"generation {self.generation} closed the hand-off channel before it was ready")
+                self.fail(f"generation {self.generation} closed the hand-off channel"
+                          + ("" if self.said_ready else " before it was ready"))
 
     def _close_channel(self) -> None:
         if self._chan is not None:
@@ -184,7 +207,8 @@ class Succession:
         while self._on_output():
             pass
         if self.stage is Stage.BOOTING:
-            self.fail(f"generation {self.generation} (pid {self.pid}) exited before it was ready")
+            self.fail(f"generation {self.generation} (pid {self.pid}) exited"
+                      + ("" if self.said_ready else " before it was ready"))
         log.info("generation %d (pid %d) exited", self.generation, self.pid)
         self._cleanup()
         if self.stage is not Stage.DONE:
@@ -257,20 +281,23 @@ class Succession:
         self.emit("committed", f"MAINPID={self.pid} sent: generation {self.generation} is main once "
                                "systemd has taken it (BARRIER=1)", pid=self.pid)
 
-    def hand_over(self, stop: bool, totals: str = "{}") -> bool:
+    def hand_over(self, stop: bool, totals: str = "{}", keep: bool = False) -> bool:
         """Tell N+1 it is main (and to stop, when a stop reached us in the barrier window), with
-        the service-wide counters it carries on (metrics.py)."""
-        told = self._chan is not None and self._chan.send(f"totals {totals}", *(["main", "stop"] if stop else ["main"]))
+        the service-wide counters it carries on (metrics.py); `keep`: we stay warm (warm.py), so
+        the channel stays open."""
+        lines = [f"totals {totals}", *(["keep"] if keep else []), "main", *(["stop"] if stop else [])]
+        told = self._chan is not None and self._chan.send(*lines)
         self.stage = Stage.DONE
-        self._cleanup(keep_pidfd=True)
+        self._cleanup(keep_pidfd=True, keep_channel=keep)
         self.emit("mainpid", f"MAINPID handed over to generation {self.generation} (pid {self.pid})",
                   pid=self.pid)
         return told
 
-    def _cleanup(self, keep_pidfd: bool = False) -> None:
+    def _cleanup(self, keep_pidfd: bool = False, keep_channel: bool = False) -> None:
         for timer in self._timers:
             timer.cancel()
-        self._close_channel()
+        if not keep_channel:
+            self._close_channel()
         self._close_output()
         if not keep_pidfd and self._pidfd is not None:
             self.loop.remove(self._pidfd)
@@ -348,13 +375,19 @@ def _become_next(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int
     os._exit(127)
 
 
-def _figures(text: str) -> dict | None:
-    """A canary's figures (canary.py): counts, or None when they do not parse."""
-    try:
-        data = json.loads(text)
-        return {key: int(data[key]) for key in ("responses", "errors", "crashes", "ready")}
-    except (ValueError, TypeError, KeyError):
-        return None
+class _Adopted:
+    """The plan of a rollback: nothing to exec, a release to name."""
+
+    def __init__(self, release: str):
+        self.release = release
+        self.exec_path = self.directory = None
+
+
+def _pid_of(pidfd: int) -> int:
+    for line in open(f"/proc/self/fdinfo/{pidfd}"):
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _close(fd: int) -> None:

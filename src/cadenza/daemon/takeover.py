@@ -20,9 +20,17 @@ class Takeover:
         lines, gone = channel.receive()
         for line in lines:
             if line.startswith("totals "):
-                self.totals.carry(line[7:])
+                self.totals.carry(line[7:], self.pool.restarts if self.predecessor_number is not None else None)
                 continue
             if self._canary_line(line):
+                continue
+            verb, _, rest = line.partition(" ")
+            if verb in ("keep", "warm", "rollback", "expire"):
+                if verb == "keep":
+                    self.keep_channel = True
+                else:
+                    self.handle({"warm": Event.WARM_NOTICE, "rollback": Event.ROLLBACK_NOTICE,
+                                 "expire": Event.WARM_EXPIRED}[verb], text=rest)
                 continue
             notice = {"appointed": Event.APPOINTED_NOTICE, "main": Event.MAIN_NOTICE,
                       "stop": Event.STOP_NOTICE}.get(line)
@@ -45,7 +53,7 @@ class Takeover:
 
     def on_made_main(self, **_) -> None:
         channel = self.inherited.channel
-        if not channel.closed:
+        if not channel.closed and not self.keep_channel:    # kept: N may stay warm (warm.py)
             self.loop.remove(channel)
             channel.close()
         self.systemd.muted = False
@@ -65,9 +73,20 @@ class Takeover:
         self._stop(exitcodes.UNCLEAN_HANDOVER)
 
     def on_predecessor_gone(self, **_) -> None:
+        if self.inherited.predecessor_fd is None and self.warm is None and self.state is State.SERVING:
+            return      # told twice (its channel closed, its pidfd): once is enough
+        if self.inherited.predecessor_fd is not None:
+            self.loop.remove(self.inherited.predecessor_fd)
         self.inherited.close_predecessor()
+        channel = self.inherited.channel
+        if channel is not None and not channel.closed:
+            self.loop.remove(channel)
+            channel.close()
+        if self.warm is not None:
+            log.info("generation %d (warm) has gone", self.warm.generation)
+            self.warm = None
         if self.multiproc is not None and self.state.main:
-            self.multiproc.fold_from(self.number - 1)
+            self.multiproc.fold_from(self.number - 1 if self.predecessor_number is None else self.predecessor_number)
         if self.state is State.TAKING_OVER:
             log.info("the previous generation has gone: generation %d serves alone", self.number)
             self.state = State.SERVING

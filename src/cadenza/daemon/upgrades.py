@@ -27,6 +27,7 @@ class Upgrades:
                          **_) -> None:
         nxt = self.number + 1
         canary = self.config.upgrade.canary if canary is None else canary
+        self.dismiss_warm("an upgrade starts")
         try:
             if canary and canary >= len(self.pool.slots):
                 raise preflight.UpgradeRefused(
@@ -123,8 +124,9 @@ class Upgrades:
 
     def on_hand_over(self, **_) -> None:
         succession = self.succession
-        self.count_upgrade("ok", succession)
-        if not succession.hand_over(stop=self.pending_stop, totals=self.totals.as_json(self.pool.restarts)):
+        self.count_upgrade("rolled_back" if self.rolling_back else "ok", succession)
+        if not succession.hand_over(stop=self.pending_stop, totals=self.totals.as_json(self.pool.restarts, succession.generation),
+                                    keep=self.warm_window() > 0):
             log.error("could not tell generation %d it is main: it has gone; systemd decides what follows",
                       succession.generation)
         log.info("handed over to generation %d (pid %d); draining %d worker(s)", succession.generation,
@@ -139,8 +141,12 @@ class Upgrades:
         if self.control is not None:
             self.control.stop_accepting()   # new requests go to the new main; ours finish
         self._stop_metrics()
-        self._close_listeners()
-        self.pool.drain()
+        warm = self.warm_window() > 0
+        if warm:
+            self._leave_warm()      # its listeners stay: a rollback serves on them again
+        else:
+            self._close_listeners()
+        self.pool.drain(keep_starter=warm)
         self._maybe_exit()
 
     def on_upgrade_failed(self, reason: str = "", **_) -> None:

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--canary", type=int, metavar="K", help="start the next generation with K workers, judge "
                     "its 5xx rate and crashes after upgrade.canary_duration, then promote or roll it back")
     sub.add_parser("metrics", help="the Prometheus text of [metrics] listen, whether or not it is set")
+    sub.add_parser("rollback", help="make the generation kept warm (upgrade.rollback_window) main again")
     sub.add_parser("restart", help="rolling restart of the workers, same generation")
     scale = sub.add_parser("scale", help="set the number of workers: N, +N or -N")
     scale.add_argument("count", metavar="N|+N|-N")

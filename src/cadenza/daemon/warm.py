@@ -1,0 +1,159 @@
+"""The rollback window (DESIGN §4.5), both sides. Part of Generation (`Warm`).
+
+With upgrade.rollback_window = W > 0, a generation N that handed over does not exit once its
+workers have drained: it stays WARM for W seconds. Its master (and, with preload, its preloader)
+holds no worker, no MainPID, no control socket nor metrics socket, but keeps its copies of the
+listeners and the hand-off channel to N+1, which it announces with "warm W RELEASE".
+
+`supervisorctl rollback` (to N+1, the main one) makes N main again the way an upgrade does,
+with the roles swapped: N+1 adopts N as its successor (succession.Succession.adopt), tells it
+"rollback"; N starts its workers (with preload, forks: milliseconds) and says "ready"; N+1 sends
+MAINPID=N, waits for the barrier, says "main", then drains and exits (it does not stay warm).
+
+- Refused, before anything changes: no warm generation (the window is off or over), or the warm
+  generation's release directory is gone (pruned). That holds with preload too, although its
+  code is imported: an application reads its release's files after import (templates, static
+  files, lazy imports), so a pruned release cannot be trusted to serve.
+- The window ends (W passed, or N+1 says "expire" because a new upgrade starts, or "stop"):
+  N leaves, its preloader with it; nothing of it remains.
+- N+1 stops: it tells N "stop" first. N+1 dies: N leaves (systemd restarts the unit anyway).
+- N's workers cannot start (a rollback that fails): N says "failed", N+1 tells it to stop and
+  serves on; the rollback fails with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from .. import exitcodes
+from .handoff import Inheritance
+from .loop import Timer
+from .policy import Event, State
+from .succession import Succession
+
+log = logging.getLogger("cadenza.master")
+
+
+@dataclass
+class WarmPredecessor:
+    generation: int
+    release: str
+    expires: float
+
+
+class Warm:
+    warm: WarmPredecessor | None = None      # N+1's side: the generation kept warm for a rollback
+    keep_channel = False                     # N+1's side: N said "keep" before "main"
+    warm_timer: Timer | None = None          # N's side
+    rolling_back = False                     # N+1's side: this hand-over is a rollback
+    predecessor_number: int | None = None    # whose figures fold into ours when it is gone
+    left_warm = False                        # N's side: it leaves at its window's end, never the last
+
+    # ---- N's side: going warm, and back ---------------------------------------------------
+
+    def warm_window(self) -> float:
+        return 0.0 if self.rolling_back else self.config.upgrade.rollback_window
+
+    def _leave_warm(self) -> None:
+        """_leave() of a generation that will stay warm. Its control and metrics sockets stopped
+        accepting (as for any leaving one: the requests under way finish), and accept again if
+        it is main again."""
+
+    def _go_warm(self) -> None:
+        """Drained: instead of exiting, wait for a rollback (the channel to N+1 stays ours)."""
+        succession, window = self.succession, self.warm_window()
+        channel, pidfd = succession.detach()
+        self.succession = None
+        self.inherited = Inheritance(self.number, self.inherited.owns, channel, None, pidfd)
+        self.predecessor_number = succession.generation
+        self.loop.add_reader(channel, self._on_channel)
+        self.loop.add_reader(pidfd, self._on_predecessor_exit)
+        self.state = State.WARM
+        self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED))
+        self.inherited.say(f"warm {window:g} {self.release}")
+        log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
+                 self.number, window, succession.generation)
+
+    def on_warm_expired(self, **_) -> None:
+        if self.warm_timer is not None:
+            self.warm_timer.cancel()
+        log.info("generation %d leaves: its rollback window is over", self.number)
+        self.left_warm = True
+        self._stop(exitcodes.OK)
+
+    def on_roll_back(self, **_) -> None:
+        self.warm_timer.cancel()
+        log.info("rollback: generation %d starts its workers again", self.number)
+        self.state = State.STARTING
+        pool = self.pool
+        pool.draining = pool.starter_kept = False
+        pool._cancel_kill()
+        for slot in pool.slots.values():      # a drained slot still names its last worker
+            slot.incoming = None
+            slot.worker = pool._spawn(slot)
+        self._start_timer = self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
+
+    # ---- N+1's side -----------------------------------------------------------------------
+
+    def on_predecessor_warm(self, text: str = "", **_) -> None:
+        seconds, _, release = text.partition(" ")
+        try:
+            window = float(seconds)
+        except ValueError:
+            log.error("internal error: unreadable warm notice %r", text[:200])
+            return
+        self.warm = WarmPredecessor(self.number - 1 if self.predecessor_number is None else self.predecessor_number,
+                                    release, time.monotonic() + window)
+        self.state = State.SERVING
+        log.info("generation %d is warm for a rollback for %gs; generation %d serves alone", self.warm.generation,
+                 window, self.number)
+        deferred, self.deferred = self.deferred, []
+        for source, watcher in deferred:
+            self.handle(Event.UPGRADE, source=source, watcher=watcher)
+
+    def dismiss_warm(self, why: str) -> None:
+        """The warm generation leaves (a new upgrade, a stop)."""
+        if self.warm is not None and self.inherited.channel is not None:
+            log.info("generation %d (warm) is told to leave: %s", self.warm.generation, why)
+            self.inherited.say("expire")
+
+    def on_start_rollback(self, source: str = "", watcher=None, **_) -> None:
+        warm = self.warm
+        refused = None
+        if warm is None:
+            refused = ("no generation is warm: upgrade.rollback_window is 0 (off), or the window of the "
+                       "previous generation is over")
+        elif not os.path.isdir(warm.release):
+            refused = (f"generation {warm.generation}'s release {warm.release} is gone (pruned); keep the "
+                       "release of a warm generation until its rollback window is over")
+        if refused:
+            log.error("rollback requested by %s refused: %s", source, refused)
+            if watcher:
+                watcher({"event": "refused", "text": f"rollback refused: {refused}", "generation": self.number})
+            return
+        channel, pidfd = self.inherited.channel, self.inherited.predecessor_fd
+        self.loop.remove(channel)
+        self.loop.remove(pidfd)
+        self.inherited.channel, self.inherited.predecessor_fd = None, None
+        succession = Succession.adopt(self.loop, warm.generation, warm.release, channel, pidfd,
+                                      timeout=self.config.upgrade.timeout,
+                                      graceful_timeout=self.config.workers.graceful_timeout,
+                                      report=self._successor_report)
+        if watcher:
+            succession.watchers.append(watcher)
+        log.info("rollback requested by %s: generation %d (pid %d) starts its workers", source, warm.generation,
+                 succession.pid)
+        self.warm, self.rolling_back, self.succession = None, True, succession
+        self.state = State.UPGRADING
+        succession.ask("rollback")
+        succession.emit("progress", f"rolling back to generation {warm.generation} in {warm.release}")
+
+    def warm_describe(self) -> dict | None:
+        warm = self.warm
+        if warm is None:
+            return None
+        return {"generation": warm.generation, "release": warm.release,
+                "expires_in": round(max(warm.expires - time.monotonic(), 0.0), 1)}
