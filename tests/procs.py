@@ -40,7 +40,8 @@ class Client:
     def __init__(self, port: int):
         self.port, self.ok, self.failures = port, 0, []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
+        # A daemon: a test that fails before stop() must not keep the run from ending.
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -184,7 +185,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    """"" once it has gone: a child listed a moment ago may have exited since."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def cpu_seconds(pid: int) -> float:

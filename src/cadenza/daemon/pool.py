@@ -292,7 +292,7 @@ class Pool:
             log.info("worker %d (pid %d) %s", worker.id, worker.pid, how)
         elif slot.incoming is worker:
             slot.incoming = None
-            self.recycler.failed(slot, how)
+            self.recycler.failed(slot, how, lost=worker.starter_pid != self.starter.pid or not self.starter.ready)
         elif slot.worker is worker:
             slot.worker = None
             stable = worker.ready_at is not None and time.monotonic() - worker.ready_at >= STABLE_AFTER

@@ -158,9 +158,16 @@ class Recycler:
             self.pool.stop_worker(old)
         self._next()
 
-    def failed(self, slot: Slot, how: str) -> None:
-        """Its replacement died before it was ready (`slot.incoming` is cleared already)."""
+    def failed(self, slot: Slot, how: str, lost: bool = False) -> None:
+        """Its replacement died before it was ready (`slot.incoming` is cleared already). `lost`:
+        it went with the preloader that forked it, no failure of the release: it is started
+        again from the next preloader (resume())."""
         head = self.entry(slot.id)
+        if lost:
+            log.warning("replacement for worker %d went with its preloader (%s); it is started again from the next one",
+                        slot.id, how)
+            self._next()
+            return
         log.error("replacement for worker %d %s before it was ready", slot.id, how)
         if head is not None:
             self._failed(head)

@@ -162,18 +162,33 @@ class Forker:
             self._send({"fork_failed": worker_id, "errno": 0, "error": "the preloader is stopping"})
             return True
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        go_r = go_w = -1
         try:
+            # The child serves only once the master has its pid: were we killed in between, the
+            # master would never know it, and nothing would ever stop it.
+            go_r, go_w = os.pipe()
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for fd in (go_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
             self._send({"fork_failed": worker_id, "errno": exc.errno,
                         "error": f"fork failed: {exc.strerror or exc}"})
             return True
         if pid == 0:
+            os.close(go_w)
+            told = os.read(go_r, 1)
+            os.close(go_r)
+            if not told:   # the preloader died before the master learnt our pid
+                os._exit(0)
             self._become_worker(worker_id, env)   # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(go_r)
         self.children.add(pid)
-        self._send({"forked": worker_id, "pid": pid})
+        if self._send({"forked": worker_id, "pid": pid}):
+            os.write(go_w, b"!")
+        os.close(go_w)
         return True
 
     def _reap(self) -> None:
@@ -188,11 +203,12 @@ class Forker:
             self.children.discard(pid)
             self._send({"exited": pid, "status": status})
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict) -> bool:
         try:
             self.channel.send(json.dumps(message).encode())
         except OSError:
-            pass   # the master is gone; _master_gone() follows
+            return False   # the master is gone; _master_gone() follows
+        return True
 
     def _become_worker(self, worker_id: int, env: dict[str, str]) -> None:
         code = 1
