@@ -8,7 +8,7 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev systemd util-linux procps curl)
-[ -n "$extras" ] && packages+=(wrk dbus openssl nginx nodejs)
+[ -n "$extras" ] && packages+=(wrk dbus openssl nginx nodejs openssh-server haproxy iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
