@@ -139,3 +139,27 @@ def test_requests_to_a_warm_master_are_refused(warm_site):
     wait(lambda: m.log().count("is warm: kept for a rollback") >= 3, what="three refusals")
     assert all("worker" not in cmdline(p) for p in children(m.pid))
     assert status(site)["warm"]["generation"] == 1
+
+
+def test_a_refused_upgrade_leaves_the_warm_generation_warm(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    (site.make("bad", count=2, upgrade="rollback_window = 30\n") / "cadenza.toml").write_text("")
+    site.switch("bad")
+    refused = site.ctl("upgrade")
+    assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr
+    assert status(site)["warm"]["generation"] == 1 and alive(m.pid)
+
+
+def test_after_a_rollback_the_next_upgrade_takes_a_new_generation_number(warm_site):
+    site = warm_site
+    start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    assert site.ctl("rollback").returncode == 0
+    proc = upgrade_to(site, "r3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    st = status(site)
+    # Generation 2 was used (and rolled back): the next one is 3, and so are its series.
+    assert st["generation"] == 3 and st["release"].endswith("/r3")
+    assert "cadenza_generations_total 3" in site.ctl("metrics").stdout

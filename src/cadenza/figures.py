@@ -47,14 +47,15 @@ class Figures:
                 "cadenza_latency": ",".join(map(str, self.buckets)) + f";{self.seconds:.6f}"}
 
     def update(self, fields: dict[str, str]) -> bool:
-        """Take what a worker sent (the master's side); whether anything parsed."""
+        """Take what a worker sent (the master's side); whether anything parsed. Totals only grow:
+        a lower figure (an application writing to NOTIFY_SOCKET) is not taken."""
         changed = False
         requests = _count(fields.get("CADENZA_REQUESTS", ""))
         if requests is not None:
-            self.requests, changed = requests, True
+            self.requests, changed = max(self.requests, requests), True
         responses = _counts(fields.get("CADENZA_RESPONSES", ""), len(CLASSES))
         if responses is not None:
-            self.responses, changed = responses, True
+            self.responses, changed = [max(a, b) for a, b in zip(self.responses, responses)], True
         counts, _, total = fields.get("CADENZA_LATENCY", "").partition(";")
         buckets = _counts(counts, len(LATENCY_BUCKETS) + 1)
         try:
@@ -62,7 +63,8 @@ class Figures:
         except ValueError:
             seconds = -1.0
         if buckets is not None and 0 <= seconds < 1e12:
-            self.buckets, self.seconds, changed = buckets, seconds, True
+            self.buckets = [max(a, b) for a, b in zip(self.buckets, buckets)]
+            self.seconds, changed = max(self.seconds, seconds), True
         return changed
 
 

@@ -198,6 +198,8 @@ class Canary:
         """N+1 exited: it was stopped by the gate, or crashed (or was killed) while a canary."""
         run, succession = self._end_canary(), self.succession
         self.succession = None
+        if self.multiproc is not None:
+            self.multiproc.fold_from(succession.generation)   # what the canary served is ours
         while len(self.pool.slots) < run.count:
             self.pool.add_slot()
         self.state = State.SERVING

@@ -4,18 +4,19 @@ HTTP/1.1, one request per connection: `GET /metrics` (or `/`) is answered with t
 metrics.py, then the connection closes. What a scrape may cost the master is bounded:
 
 - nothing while nobody scrapes: no timer, no poll, only the listening socket in the selector;
-- MAX_CLIENTS connections at once; one more is accepted and closed at once, so a crowd of
-  scrapers cannot make the master hold fds it might need for workers;
+- MAX_CLIENTS connections at once; one more takes the place of the oldest that has not sent its
+  request yet, so idle connections cannot lock scrapers out, nor make the master hold fds it
+  might need for workers; an accept that fails (EMFILE) pauses accepting for ACCEPT_PAUSE;
+- the text is rendered once a request is complete, not for every connection;
 - a client has DEADLINE seconds for its request line and for reading its answer. A slow or stalled
   scraper is written to only when its socket can take more (non-blocking, the loop's selector),
   and closed at its deadline: it never holds the loop.
 
 The listening socket passes from generation to generation like the control socket (named
-METRICS_FDNAME), so a scrape during an upgrade is answered by whichever master is main. The
-answer is the figures at the moment the scrape was *accepted*, by a master that was main then:
-one whose request line arrives after the hand-over still describes a main generation, and a
-master that exits answers the scrapes it accepted before it goes (close()), rather than cutting
-them.
+METRICS_FDNAME), so a scrape during an upgrade is answered by whichever master is main. From
+MAINPID= on, the old master answers with the figures it had while main (`freeze`): a scrape it
+accepted still describes a main generation, and a master that exits answers the scrapes it
+accepted before it goes (close()), rather than cutting them.
 """
 
 from __future__ import annotations
@@ -33,30 +34,48 @@ MAX_CLIENTS = 16
 MAX_REQUEST = 8192
 DEADLINE = 10.0
 ANSWER_GRACE = 0.5   # seconds an exiting master gives each scrape it still owes an answer
+ACCEPT_PAUSE = 0.5
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Exposition:
     def __init__(self, loop: Loop, sock: socket.socket, render):
         self.loop, self.sock, self.render = loop, sock, render
-        self.clients: set[_Scrape] = set()
+        self.clients: list[_Scrape] = []       # oldest first
+        self.frozen: str | None = None
         sock.setblocking(False)
         self.accepting = True
         loop.add_reader(sock, self._accept)
 
+    def text(self) -> str:
+        return self.frozen if self.frozen is not None else self.render()
+
+    def freeze(self, text: str | None) -> None:
+        self.frozen = text
+
     def _accept(self) -> None:
-        while True:
+        for _ in range(MAX_CLIENTS):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:      # EMFILE and the like: the next scrape tries again
-                log.warning("metrics: cannot accept a scrape: %s", exc.strerror or exc)
+            except OSError as exc:      # EMFILE and the like: pause, or the loop would spin on it
+                log.warning("metrics: cannot accept a scrape: %s; accepting again in %gs",
+                            exc.strerror or exc, ACCEPT_PAUSE)
+                self.loop.remove(self.sock)
+                self.loop.after(ACCEPT_PAUSE, self._resume)
                 return
             if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
-            self.clients.add(_Scrape(self, conn))
+                idle = next((c for c in self.clients if not c.answer), None)
+                if idle is None:
+                    conn.close()
+                    continue
+                idle.close()
+            self.clients.append(_Scrape(self, conn))
+
+    def _resume(self) -> None:
+        if self.accepting:
+            self.loop.add_reader(self.sock, self._accept)
 
     def start_accepting(self) -> None:
         if not self.accepting:
@@ -80,7 +99,6 @@ class _Scrape:
         self.server, self.conn = server, conn
         self.request = b""
         self.answer = b""
-        self.figures = server.render()      # as main, now: see the module's docstring
         conn.setblocking(False)
         self.deadline: Timer = server.loop.after(DEADLINE, self.close)
         server.loop.add_reader(conn, self._read)
@@ -108,7 +126,7 @@ class _Scrape:
         elif path not in ("/metrics", "/"):
             self._respond(404, "the metrics are at /metrics\n")
         else:
-            self._respond(200, self.figures, head=method == "HEAD")
+            self._respond(200, self.server.text(), head=method == "HEAD")
 
     def _respond(self, code: int, body: str, head: bool = False) -> None:
         self._build(code, body, head)
@@ -144,7 +162,7 @@ class _Scrape:
                 pass
             method = self.request.split(b" ", 1)[0]
             if method in (b"", b"GET", b"HEAD"):     # a request not (all) read yet is a scrape's
-                self._build(200, self.figures, head=method == b"HEAD")
+                self._build(200, self.server.text(), head=method == b"HEAD")
         try:
             self.conn.settimeout(ANSWER_GRACE)
             self.conn.sendall(self.answer)
@@ -158,4 +176,5 @@ class _Scrape:
         self.deadline.cancel()
         self.server.loop.remove(self.conn)
         self.conn.close()
-        self.server.clients.discard(self)
+        if self in self.server.clients:
+            self.server.clients.remove(self)

@@ -294,6 +294,7 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
     def on_pass_stop_on(self, source: str = "", **_) -> None:
         # systemd TERMs the main process it knows; one that reaches us after the hand-over was
         # sent before systemd took MAINPID= (it may come in the same turn as BARRIER=1's answer).
+        self.stop_passed = True     # and no warm window after it: the service stops
         if self.succession is not None and self.succession.signal(signal.SIGTERM):
             log.info("stop requested%s after the hand-over: it is passed on to generation %d; "
                      "this generation keeps draining", f" by {source}" if source else "", self.number + 1)
@@ -346,7 +347,7 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
     def _maybe_exit(self) -> None:
         if self.state not in (State.STOPPING, State.LEAVING) or self.pool.pids():
             return
-        if self.state is State.LEAVING and self.warm_window() > 0:
+        if self.state is State.LEAVING and self.can_go_warm():
             self._go_warm()
             return
         if self.state is State.STOPPING:

@@ -106,15 +106,18 @@ class Totals:
             log.error("internal error: the previous generation's totals are unreadable (%s); "
                       "this generation counts from 0", exc)
             return
+        if len(buckets) != len(self.buckets):
+            log.error("internal error: the previous generation's upgrade histogram has %d buckets, not %d; "
+                      "this generation counts from its own", len(buckets), len(self.buckets))
+            return
         if own is not None:
             self.__init__()
             restarts = {k: v - own[k] for k, v in restarts.items()}
-        if len(buckets) == len(self.buckets):
-            self.restarts.update(restarts)
-            self.upgrades.update(upgrades)
-            self.buckets = [a + b for a, b in zip(self.buckets, buckets)]
-            self.seconds += seconds
-            self.generations = max(self.generations, generations)
+        self.restarts.update(restarts)
+        self.upgrades.update(upgrades)
+        self.buckets = [a + b for a, b in zip(self.buckets, buckets)]
+        self.seconds += seconds
+        self.generations = max(self.generations, generations)
 
 
 class Metrics:
@@ -142,7 +145,12 @@ class Metrics:
             from .exposition import Exposition
             self.exposition = Exposition(self.loop, self.metrics_sock, self.metrics_text)
         elif self.exposition is not None:
+            self.exposition.freeze(None)
             self.exposition.start_accepting()
+
+    def freeze_metrics(self, frozen: bool) -> None:
+        if self.exposition is not None:
+            self.exposition.freeze(self.metrics_text() if frozen else None)
 
     def _stop_metrics(self) -> None:
         if self.exposition is not None:

@@ -48,10 +48,9 @@ class MultiprocDirs:
         dirs = cls(gen.loop, base, gen.number)
         try:
             base.mkdir(mode=0o700, exist_ok=True)
+            if dirs.path.exists():   # left by a master of this number that was killed: start afresh
+                dirs.remove()
             dirs.path.mkdir(mode=0o700)
-        except FileExistsError:      # left by a master of this number that was killed: start afresh
-            dirs.remove()
-            dirs.path.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             log.error("metrics.multiprocess: cannot create %s: %s; the workers run without "
                       "%s", dirs.path, exc.strerror or exc, ENV)

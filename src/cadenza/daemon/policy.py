@@ -242,7 +242,8 @@ TABLE: dict[Event, dict[State, Cell]] = {
     Event.CANARY_DUE: _row(Ignore("no canary is judged"), CANARY="judge_canary"),
     Event.CANARY_FIGURES: _row(Ignore("no canary is judged"), CANARY="canary_figures"),
     Event.PROMOTE_NOTICE: _row(Ignore("not a canary waiting to grow"), STANDBY="grow_to_count"),
-    Event.WARM_NOTICE: _row(Ignore("no predecessor drains"), TAKING_OVER="predecessor_warm"),
+    Event.WARM_NOTICE: _row(Ignore("no predecessor drains"), TAKING_OVER="predecessor_warm",
+                            STOPPING="dismiss_new_warm"),
     Event.ROLLBACK_NOTICE: _row(_NOT_WARM, WARM="roll_back"),
     Event.WARM_EXPIRED: _row(_NOT_WARM, WARM="warm_expired"),
 }

@@ -121,17 +121,22 @@ class Succession:
                              f"in {self.plan.directory} -> {self.plan.release}")
 
     @classmethod
-    def adopt(cls, loop: Loop, generation: int, release: str, channel: handoff.Channel, pidfd: int, *,
+    def adopt(cls, loop: Loop, generation: int, plan, pid: int, channel: handoff.Channel, pidfd: int, *,
               timeout: float, graceful_timeout: float, report: Callable[..., None]) -> Succession:
         """A rollback (warm.py): the warm predecessor, already running, is followed as an upgrade's N+1."""
-        succession = cls(loop, _Adopted(release), generation, timeout=timeout, graceful_timeout=graceful_timeout,
-                         report=report)
-        succession.pid = _pid_of(pidfd)
+        succession = cls(loop, plan, generation, timeout=timeout, graceful_timeout=graceful_timeout, report=report)
+        succession.pid = pid
         succession._chan, succession._pidfd = channel, pidfd
-        loop.add_reader(channel, succession._on_channel)
-        loop.add_reader(pidfd, succession._on_exit)
-        succession._timers.append(loop.after(timeout, succession._on_timeout))
         return succession
+
+    def watch(self) -> None:
+        """An adopted one: its channel and pidfd are ours now (after the caller let them go)."""
+        self.loop.add_reader(self._chan, self._on_channel)
+        self.loop.add_reader(self._pidfd, self._on_exit)
+        self._timers.append(self.loop.after(self.timeout, self._on_timeout))
+
+    def has_channel(self) -> bool:
+        return self._chan is not None and not self._chan.closed
 
     def detach(self) -> tuple[handoff.Channel, int]:
         """The kept channel and N+1's pidfd of a generation going warm, no longer watched here."""
@@ -373,21 +378,6 @@ def _become_next(plan: Plan, argv: list[str], env: dict[str, str], fds: list[int
     except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
         os.write(2, f"cadenza: cannot exec {plan.exec_path}: {exc}\n".encode())
     os._exit(127)
-
-
-class _Adopted:
-    """The plan of a rollback: nothing to exec, a release to name."""
-
-    def __init__(self, release: str):
-        self.release = release
-        self.exec_path = self.directory = None
-
-
-def _pid_of(pidfd: int) -> int:
-    for line in open(f"/proc/self/fdinfo/{pidfd}"):
-        if line.startswith("Pid:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _close(fd: int) -> None:

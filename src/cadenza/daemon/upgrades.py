@@ -25,9 +25,8 @@ BARRIER_TIMEOUT = 2.0
 class Upgrades:
     def on_start_upgrade(self, source: str = "", watcher: Callable | None = None, canary: int | None = None,
                          **_) -> None:
-        nxt = self.number + 1
+        nxt = max(self.number, self.totals.generations) + 1   # a number once used (then rolled back) is not reused
         canary = self.config.upgrade.canary if canary is None else canary
-        self.dismiss_warm("an upgrade starts")
         try:
             if canary and canary >= len(self.pool.slots):
                 raise preflight.UpgradeRefused(
@@ -63,6 +62,7 @@ class Upgrades:
             plan.close()
         self.succession = succession
         self.state = State.UPGRADING
+        self.dismiss_warm("an upgrade starts")     # only now: a refused upgrade changes nothing
 
     def _handed_fds(self) -> list[tuple[int, str]]:
         named = [(listener.fd, listener.name) for listener in self.listeners]
@@ -79,6 +79,12 @@ class Upgrades:
                                      notify_address=self.systemd.address, watchdog_usec=self.watchdog_usec)
 
     def on_join_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
+        if self.rolling_back:     # a deploy must not hear that a rollback was its upgrade
+            text = f"upgrade refused: generation {self.number} is rolling back; upgrade once it is over"
+            log.warning("%s (from %s)", text, source)
+            if watcher:
+                watcher({"event": "refused", "text": text, "generation": self.number + 1})
+            return
         log.info("upgrade requested by %s: joining the upgrade to generation %d already running",
                  source, self.succession.generation)
         if watcher:
@@ -106,6 +112,7 @@ class Upgrades:
             self.handle(event, reason=reason) if reason else self.handle(event)
 
     def on_commit(self, **_) -> None:
+        self.freeze_metrics(True)     # from MAINPID= on, we answer scrapes as we were while main
         succession = self.succession
         if not self.systemd.enabled:
             succession.appointed()
@@ -113,6 +120,7 @@ class Upgrades:
             self.on_hand_over()
             return
         if not self.systemd.send(mainpid=succession.pid, ready=1, status=f"serving generation {succession.generation}"):
+            self.freeze_metrics(False)
             succession.fail("could not send MAINPID= to systemd (NOTIFY_SOCKET refused it)")
             return
         # MAINPID= is out: from here on there is no way back, only the hand-over.
@@ -179,6 +187,7 @@ class Upgrades:
         log.error("%s", reason)
         self.succession = None
         self.systemd.muted = False
+        self.freeze_metrics(False)
         self.systemd.send(mainpid=os.getpid())
         self.state = State.SERVING
         for slot in self.pool.slots.values():   # deaths while committed were not respawned
@@ -193,6 +202,7 @@ class Upgrades:
         `systemctl reload` finds the unit active again) the waiting clients hear why."""
         self.last_upgrade = succession.outcome(False, reason)
         self.count_upgrade(outcome, succession)
+        self.rolling_back = False
         status = f"upgrade to generation {succession.generation} failed: {reason.splitlines()[0]}"
         if self.state is not State.STOPPING:
             self._last_status = status

@@ -51,20 +51,33 @@ class Warm:
     rolling_back = False                     # N+1's side: this hand-over is a rollback
     predecessor_number: int | None = None    # whose figures fold into ours when it is gone
     left_warm = False                        # N's side: it leaves at its window's end, never the last
+    stop_passed = False                      # N's side: a stop was passed on to N+1 (pass_stop_on)
 
     # ---- N's side: going warm, and back ---------------------------------------------------
 
     def warm_window(self) -> float:
-        return 0.0 if self.rolling_back else self.config.upgrade.rollback_window
+        """0 for a generation that must not stay warm: it handed over for a rollback, or a stop
+        reached it (a stop of the service ends a warm generation too)."""
+        if self.rolling_back or self.pending_stop or self.stop_passed:
+            return 0.0
+        return self.config.upgrade.rollback_window
 
     def _leave_warm(self) -> None:
         """_leave() of a generation that will stay warm. Its control and metrics sockets stopped
         accepting (as for any leaving one: the requests under way finish), and accept again if
         it is main again."""
 
+    def can_go_warm(self) -> bool:
+        """Drained after a hand-over that kept the channel, and N+1 still there to roll back from
+        (it may have crashed, or be of a release that closed the channel: then we exit)."""
+        succession = self.succession
+        return (self.warm_window() > 0 and succession is not None and succession.alive()
+                and succession.has_channel())
+
     def _go_warm(self) -> None:
         """Drained: instead of exiting, wait for a rollback (the channel to N+1 stays ours)."""
         succession, window = self.succession, self.warm_window()
+        self._drop_inherited()       # a warm predecessor of ours, told to leave, may still be going
         channel, pidfd = succession.detach()
         self.succession = None
         self.inherited = Inheritance(self.number, self.inherited.owns, channel, None, pidfd)
@@ -76,6 +89,22 @@ class Warm:
         self.inherited.say(f"warm {window:g} {self.release}")
         log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
                  self.number, window, succession.generation)
+
+    def _drop_inherited(self) -> None:
+        old = self.inherited
+        if old.channel is not None and not old.channel.closed:
+            self.loop.remove(old.channel)
+            old.channel.close()
+        if old.predecessor_fd is not None:
+            self.loop.remove(old.predecessor_fd)
+            old.close_predecessor()
+        if self.warm is not None and self.multiproc is not None:
+            self.multiproc.fold_from(self.warm.generation)
+        self.warm = None
+
+    def on_dismiss_new_warm(self, **_) -> None:
+        """We stop while our predecessor drains, and it went warm meanwhile: it leaves too."""
+        self.inherited.say("expire")
 
     def on_warm_expired(self, **_) -> None:
         if self.warm_timer is not None:
@@ -94,6 +123,8 @@ class Warm:
         for slot in pool.slots.values():      # a drained slot still names its last worker
             slot.incoming = None
             slot.worker = pool._spawn(slot)
+        while len(pool.slots) < self.config.workers.count:   # a canary's promotion took K of them
+            pool.add_slot()
         self._start_timer = self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
 
     # ---- N+1's side -----------------------------------------------------------------------
@@ -135,13 +166,21 @@ class Warm:
                 watcher({"event": "refused", "text": f"rollback refused: {refused}", "generation": self.number})
             return
         channel, pidfd = self.inherited.channel, self.inherited.predecessor_fd
+        try:
+            succession = Succession.adopt(self.loop, warm.generation, _Adopted(warm.release), _pid_of(pidfd),
+                                          channel, pidfd,
+                                          timeout=self.config.upgrade.timeout,
+                                          graceful_timeout=self.config.workers.graceful_timeout,
+                                          report=self._successor_report)
+        except (OSError, ValueError) as exc:     # EMFILE reading /proc, or it has just exited
+            log.error("rollback requested by %s failed: %s; generation %d serves on", source, exc, self.number)
+            if watcher:
+                watcher({"event": "failed", "text": f"rollback failed: {exc}", "generation": warm.generation})
+            return
         self.loop.remove(channel)
         self.loop.remove(pidfd)
         self.inherited.channel, self.inherited.predecessor_fd = None, None
-        succession = Succession.adopt(self.loop, warm.generation, warm.release, channel, pidfd,
-                                      timeout=self.config.upgrade.timeout,
-                                      graceful_timeout=self.config.workers.graceful_timeout,
-                                      report=self._successor_report)
+        succession.watch()
         if watcher:
             succession.watchers.append(watcher)
         log.info("rollback requested by %s: generation %d (pid %d) starts its workers", source, warm.generation,
@@ -157,3 +196,19 @@ class Warm:
             return None
         return {"generation": warm.generation, "release": warm.release,
                 "expires_in": round(max(warm.expires - time.monotonic(), 0.0), 1)}
+
+
+class _Adopted:
+    """The plan of a rollback: nothing to exec, a release to name."""
+
+    def __init__(self, release: str):
+        self.release = release
+        self.exec_path = self.directory = None
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as info:
+        for line in info:
+            if line.startswith("Pid:") and int(line.split()[1]) > 0:
+                return int(line.split()[1])
+    raise ValueError("the warm generation has just exited")

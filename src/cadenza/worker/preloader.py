@@ -185,9 +185,16 @@ class Forker:
             self._become_worker(worker_id, env)   # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(go_r)
+        try:
+            os.setpgid(pid, pid)   # here too: the master may signal its group before it runs
+        except OSError:
+            pass
         self.children.add(pid)
         if self._send({"forked": worker_id, "pid": pid}):
-            os.write(go_w, b"!")
+            try:
+                os.write(go_w, b"!")
+            except OSError:     # it died already (OOM): its exit is reported like any other
+                pass
         os.close(go_w)
         return True
 
