@@ -157,6 +157,16 @@ class NotifyingServer(uvicorn.Server):
         """uvicorn's shutdown, without its fixed sleep and its 0.1 s polls."""
         Draining.server_draining = True
         uvicorn_log.info("Shutting down")
+        # asyncio's Server refuses a transport made after close() (Server._attach asserts): a
+        # connection accepted just before, whose transport is made a turn later, would be
+        # dropped, reset. So: stop accepting, let those reach connection_made, then close.
+        loop = asyncio.get_running_loop()
+        for sock in sockets or []:
+            try:
+                loop.remove_reader(sock.fileno())   # uvloop's own servers: not registered here, a no-op
+            except (ValueError, OSError):
+                pass
+        await _settle()
         for server in self.servers:
             server.close()
         for sock in sockets or []:
