@@ -149,6 +149,9 @@ def test_a_healthy_canary_takes_its_share_then_is_promoted(site):
     proc = result["proc"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "canary passed" in proc.stdout, proc.stdout
+    # Promoted slot by slot, make-before-break: one of generation 1's stops per worker of 2 ready.
+    grown = re.findall(r"generation 2 has (\d) of 4 worker\(s\) ready; generation 1 keeps (\d)", proc.stdout)
+    assert grown == [("2", "2"), ("3", "1"), ("4", "1")], proc.stdout
     load.stop()
     assert load.errors == [] and [a for a in load.answers if a[1] != 200] == []
     # While it ran, both generations answered. Which worker takes a connection is the kernel's

@@ -122,6 +122,7 @@ def test_during_a_canary_counts_are_the_gate_s_a_second_upgrade_joins_a_stop_end
     assert decide(State.CANARY, Event.CANARY_DUE) == "judge_canary"
     assert decide(State.CANARY, Event.CANARY_FIGURES) == "canary_figures"
     assert decide(State.PROMOTING, Event.SUCCESSOR_READY) == "promoted_ready"
+    assert {s for s in State if isinstance(decide(s, Event.CANARY_GREW), str)} == {State.PROMOTING}
     assert decide(State.ROLLING_BACK, Event.WORKERS_READY) == "canary_restored"
     assert isinstance(decide(State.CANARY, Event.SUCCESSOR_READY), Ignore)
     # The canary's side: it grows only when told, in STANDBY.

@@ -6,9 +6,11 @@ from the same sockets with count workers in all, N+1 taking about K/count of the
 After upgrade.canary_duration N asks N+1 for its figures ("report" / "figures JSON" on the
 hand-off channel) and compares them with its own over the same time (the gate, `judge`):
 
-- passed (PROMOTING): N tells N+1 "grow"; N+1 starts the rest of its workers and says "ready"
-  again once all are; N then commits as in any upgrade (MAINPID=, the barrier, the hand-over) and
-  drains. N's count − K workers serve until then: capacity never drops.
+- passed (PROMOTING): N tells N+1 "grow", and N+1 grows slot by slot, make-before-break: it
+  starts one more worker, and once that one is ready says "grown M" (M of count ready), and N
+  stops one of its own (keeping one at least); then the next. Once all of N+1's count are ready it
+  says "ready", and N commits as in any upgrade (MAINPID=, the barrier, the hand-over) and drains
+  the worker it kept. The two generations never have fewer than count ready workers between them.
 - failed (ROLLING_BACK): N starts its K workers again and, once all of its workers are ready,
   stops N+1 gracefully; the upgrade fails with both generations' figures (outcome rolled_back).
 - N+1 gone during any of it (its master crashed or was killed): N grows back at once; the
@@ -112,16 +114,23 @@ class Canary:
         return True
 
     def on_grow_to_count(self, **_) -> None:
-        target = self.config.workers.count
-        log.info("the canary passed: generation %d grows from %d to %d worker(s)", self.number,
-                 len(self.pool.slots), target)
+        log.info("the canary passed: generation %d grows from %d to %d worker(s), one at a time", self.number,
+                 len(self.pool.slots), self.config.workers.count)
         self.canary_workers, self.canary_growing = 0, True
-        while len(self.pool.slots) < target:
-            self.pool.add_slot()
-        self.on_standby_workers_ready()
+        self._grow_one()
 
     def on_standby_workers_ready(self, **_) -> None:
         if self.canary_growing and self.pool.all_ready():
+            self.inherited.say(f"grown {len(self.pool.slots)}")
+            self._grow_one()
+
+    def _grow_one(self) -> None:
+        """The next slot, once every one before it is ready; "ready" once all count are."""
+        if not self.pool.all_ready():
+            return
+        if len(self.pool.slots) < self.config.workers.count:
+            self.pool.add_slot()
+        else:
             self.canary_growing = False
             self.inherited.say("ready")
 
@@ -189,6 +198,15 @@ class Canary:
             if run.restore is not None:
                 run.restore.cancel()
             self.succession.fail(run.reason)
+
+    def on_canary_grew(self, workers: int = 0, **_) -> None:
+        """N+1 has `workers` ready of its count: one of ours stops (make-before-break)."""
+        run = self.canary_run
+        keep = max(run.count - workers, 1)
+        while len(self.pool.slots) > keep and self.pool.remove_slot():
+            pass
+        self.succession.emit("progress", f"generation {run.generation} has {workers} of {run.count} worker(s) "
+                                         f"ready; generation {self.number} keeps {len(self.pool.slots)}")
 
     def on_promoted_ready(self, **_) -> None:
         self._end_canary()

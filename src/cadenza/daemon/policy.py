@@ -18,7 +18,8 @@ guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
 - APPOINTED: the predecessor sent MAINPID=us; systemd may not have taken it yet (the barrier).
 - TAKING_OVER: we are main, the predecessor still drains. A stop waits for it; an upgrade waits.
 - CANARY: N+1 serves with K workers, we with count − K; judged after canary_duration.
-- PROMOTING: the canary passed; N+1 grows to its count, then we commit as in any upgrade.
+- PROMOTING: the canary passed; N+1 grows to its count a slot at a time, one of ours stopping
+  for each of its new workers ready, then we commit as in any upgrade.
 - ROLLING_BACK: the canary failed; we grow back, then N+1 is stopped.
 - WARM: we handed over and drained; kept for `supervisorctl rollback` for upgrade.rollback_window
   (warm.py), with no worker, no MainPID, no control socket.
@@ -87,6 +88,7 @@ class Event(enum.Enum):
     SUCCESSOR_GONE = "successor gone"
     CANARY_DUE = "canary due"           # canary_duration has passed
     CANARY_FIGURES = "canary figures"   # N+1 answered "report" (or did not, in time)
+    CANARY_GREW = "canary grew"         # a promoted N+1 has one more worker ready
     # the predecessor runs us as its canary
     PROMOTE_NOTICE = "told to grow"
     # the rollback window (warm.py)
@@ -241,6 +243,8 @@ TABLE: dict[Event, dict[State, Cell]] = {
         COMMITTED="successor_gone", LEAVING="successor_gone", **_canary("canary_gone")),
     Event.CANARY_DUE: _row(Ignore("no canary is judged"), CANARY="judge_canary"),
     Event.CANARY_FIGURES: _row(Ignore("no canary is judged"), CANARY="canary_figures"),
+    # One of ours stops for each worker a promoted canary has ready (make-before-break).
+    Event.CANARY_GREW: _row(Ignore("no canary grows"), PROMOTING="canary_grew"),
     Event.PROMOTE_NOTICE: _row(Ignore("not a canary waiting to grow"), STANDBY="grow_to_count"),
     Event.WARM_NOTICE: _row(Ignore("no predecessor drains"), TAKING_OVER="predecessor_warm",
                             STOPPING="dismiss_new_warm"),

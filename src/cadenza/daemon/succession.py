@@ -192,6 +192,8 @@ class Succession:
                 self.fail(text[:2000])
             elif verb == "figures" and self.stage is Stage.BOOTING:
                 self.report("figures", figures=parse_figures(text))
+            elif verb == "grown" and self.stage is Stage.BOOTING and text.isdigit():
+                self.report("grown", workers=int(text))
         if gone:
             self._close_channel()
             if self.stage is Stage.BOOTING:

@@ -103,11 +103,13 @@ class Upgrades:
             if watcher:
                 watcher({"event": "refused", "text": f"upgrade refused: {why}", "generation": self.number + 1})
 
-    def _successor_report(self, what: str, reason: str = "", figures: dict | None = None) -> None:
-        event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED,
-                 "gone": Event.SUCCESSOR_GONE, "figures": Event.CANARY_FIGURES}[what]
+    def _successor_report(self, what: str, reason: str = "", figures: dict | None = None, workers: int = 0) -> None:
+        event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED, "gone": Event.SUCCESSOR_GONE,
+                 "figures": Event.CANARY_FIGURES, "grown": Event.CANARY_GREW}[what]
         if what == "figures":
             self.handle(event, figures=figures)
+        elif what == "grown":
+            self.handle(event, workers=workers)
         else:
             self.handle(event, reason=reason) if reason else self.handle(event)
 
@@ -159,6 +161,10 @@ class Upgrades:
 
     def on_upgrade_failed(self, reason: str = "", **_) -> None:
         self._last_status = ""   # STATUS= shows the failing upgrade until it is over
+        run = self.canary_run   # N+1 drains now: a canary's generation N has its workers back first
+        if run is not None and self.state in (State.CANARY, State.PROMOTING, State.ROLLING_BACK):
+            while len(self.pool.slots) < run.count:
+                self.pool.add_slot()
 
     def on_successor_gone(self, **_) -> None:
         succession = self.succession
