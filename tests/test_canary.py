@@ -208,6 +208,34 @@ def test_a_crash_of_the_canary_s_master_rolls_back(site):
     assert all("r2" in e or "Connection" in e or "Remote" in e for e in load.errors), load.errors[:3]
 
 
+def test_a_crash_of_the_canary_s_master_while_it_grows_brings_the_old_workers_back(site):
+    m = site.start()
+    load = Load(site.port)
+    rel = site.make("r2", upgrade="canary_duration = 1\n")
+    with open(rel / "canaryapp.py", "a") as app:   # each new worker takes a second: the growth is seen
+        app.write("\nimport time\ntime.sleep(1.0)\n")
+    site.switch("r2")
+    thread, result = upgrade_async(site, "--canary", "1")
+    st = wait(lambda: (s := status(site)).get("canary") and s["canary"]["state"] == "promoting its canary" and s,
+              timeout=30, what="the canary promoted and growing")
+    kept = len(st["workers"])
+    os.killpg(st["canary"]["pid"], signal.SIGKILL)
+    thread.join()
+    proc = result["proc"]
+    assert proc.returncode == 1 and "exited while it was the canary" in proc.stderr, proc.stdout + proc.stderr
+    assert kept >= 1, st
+    st = wait(lambda: (s := status(site))["generation"] == 1 and
+              len([w for w in s["workers"] if w["state"] == "ready"]) == 4 and s, what="generation 1 back at 4")
+    assert st["target_workers"] == 4 and st.get("canary") is None
+    load.stop()
+    # The canary's workers left with its master (they drain, and accept nothing more).
+    fresh = Load(site.port, clients=1)
+    wait(lambda: len(fresh.answers) >= 20, what="20 fresh answers")
+    fresh.stop()
+    assert {a[2] for a in fresh.answers} == {"r1"} and fresh.errors == [], (fresh.answers, fresh.errors)
+    assert all("r2" in e or "Connection" in e or "Remote" in e for e in load.errors), load.errors[:3]
+
+
 def test_a_stop_during_the_canary_drains_both_generations(site):
     m = site.start()
     site.make("r2", upgrade="canary_duration = 30\n")
