@@ -163,3 +163,64 @@ def test_after_a_rollback_the_next_upgrade_takes_a_new_generation_number(warm_si
     # Generation 2 was used (and rolled back): the next one is 3, and so are its series.
     assert st["generation"] == 3 and st["release"].endswith("/r3")
     assert "cadenza_generations_total 3" in site.ctl("metrics").stdout
+
+
+# ---- the warm state against a crash, a second request and a release that no longer starts ------
+
+def test_a_rollback_whose_workers_cannot_start_fails_and_the_main_generation_serves_on(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    main = status(site)["pid"]
+    load = Load(site.port)
+    # After the hand-over, r1's code is broken in place: its workers (no preload) cannot import it.
+    (site.path / "releases" / "r1" / "canaryapp.py").write_text("raise RuntimeError('r1 broke after it went warm')\n")
+    back = site.ctl("rollback")
+    load.stop()
+    assert back.returncode == 1 and "r1 broke after it went warm" in back.stderr, back.stdout + back.stderr
+    st = status(site)
+    assert (st["generation"], st["pid"], st["main"]) == (2, main, True) and st["warm"] is None
+    # The warm generation was told to stop when its rollback failed; generation 2 served throughout.
+    wait(lambda: not alive(m.pid), timeout=20, what="the failed warm generation gone")
+    assert load.errors == [] and {a[2] for a in load.answers} == {"r2"}, (load.errors[:3], load.since(0))
+    assert 'cadenza_upgrades_total{outcome="failed"} 1' in site.ctl("metrics").stdout
+
+
+def test_a_killed_warm_master_is_forgotten_and_a_rollback_is_then_refused(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    os.kill(m.pid, signal.SIGKILL)
+    wait(lambda: status(site)["warm"] is None, what="the main generation noticing its warm one gone")
+    back = site.ctl("rollback")
+    assert back.returncode == 1 and "no generation is warm" in back.stderr, back.stderr
+    assert status(site)["generation"] == 2
+
+
+def test_a_killed_main_master_ends_its_warm_predecessor_too(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    os.kill(status(site)["pid"], signal.SIGKILL)
+    # Nothing of generation 1 may serve alone from an old release: under systemd the unit restarts.
+    assert m.wait_exit(timeout=20) == 0
+    assert "leaves: its rollback window is over" in m.log()
+
+
+def test_a_second_rollback_while_one_runs_is_refused(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    with open(site.path / "releases" / "r1" / "canaryapp.py", "a") as app:   # its workers start slowly
+        app.write("\nimport time\ntime.sleep(1.5)\n")
+    import threading
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(proc=site.ctl("rollback", timeout=60)))
+    thread.start()
+    wait(lambda: "rollback requested by" in m.log() or "starts its workers again" in m.log(),
+         what="the first rollback under way")
+    second = site.ctl("rollback")
+    thread.join()
+    assert second.returncode == 1 and "rollback refused" in second.stderr, second.stderr
+    assert first["proc"].returncode == 0, first["proc"].stdout + first["proc"].stderr
+    assert status(site)["generation"] == 1

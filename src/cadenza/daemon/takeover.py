@@ -57,6 +57,7 @@ class Takeover:
             self.loop.remove(channel)
             channel.close()
         self.systemd.muted = False
+        self.left_warm = False          # rolled back to: main again, and so possibly the last (warm.py)
         self.state = State.TAKING_OVER if self.inherited.predecessor_fd is not None else State.SERVING
         log.info("generation %d is main%s", self.number,
                  "; the previous generation still drains" if self.state is State.TAKING_OVER else "")

@@ -50,7 +50,7 @@ class Warm:
     warm_timer: Timer | None = None          # N's side
     rolling_back = False                     # N+1's side: this hand-over is a rollback
     predecessor_number: int | None = None    # whose figures fold into ours when it is gone
-    left_warm = False                        # N's side: it leaves at its window's end, never the last
+    left_warm = False                        # N's side: warm, or leaving from warm: never the last
     stop_passed = False                      # N's side: a stop was passed on to N+1 (pass_stop_on)
 
     # ---- N's side: going warm, and back ---------------------------------------------------
@@ -85,6 +85,10 @@ class Warm:
         self.loop.add_reader(channel, self._on_channel)
         self.loop.add_reader(pidfd, self._on_predecessor_exit)
         self.state = State.WARM
+        # From here until a rollback makes us main again, the socket paths and the multiprocess
+        # directory are the main generation's: whatever ends us (the window, a stop, a rollback
+        # that fails) must leave them (boot._cleanup).
+        self.left_warm = True
         self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED))
         self.inherited.say(f"warm {window:g} {self.release}")
         log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
