@@ -22,6 +22,7 @@ import socket
 import subprocess
 import threading
 import time
+import typing
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -167,6 +168,132 @@ def heir(ns, app: AppRoot) -> int | None:
     (not as its child: cadenza double-forks it so that systemd adopts it)."""
     upgrading = status(app)["upgrading"]
     return upgrading and unit_procs(ns).get(upgrading["pid"])
+
+
+class Answer(typing.NamedTuple):
+    started: float
+    ended: float
+    status: int
+    release: str
+    pid: int | None       # the worker's, in the namespace ("release TAG pid PID")
+    keepalive: bool
+
+
+class Crowd:
+    """GETs from `fresh` threads, each on a new connection (so that connections wait for whichever
+    worker accepts first, as under real load), and from one thread on a keep-alive connection,
+    until stop(). Every answer is kept (an Answer), every exception too."""
+
+    def __init__(self, port: int, fresh: int = 3):
+        self.port = port
+        self.answers: list[Answer] = []
+        self.errors: list[str] = []
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(keepalive,), daemon=True)
+                         for keepalive in [False] * fresh + [True]]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, keepalive: bool) -> None:
+        conn = None
+        while not self._done.wait(0.01):   # only pacing, so the masters are not starved of CPU
+            started = time.monotonic()
+            try:
+                # http.client opens a new connection by itself after a "Connection: close"
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                body = response.read().decode()
+            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                self.errors.append(f"{'keep-alive' if keepalive else 'new-connection'} "
+                                   f"{time.strftime('%T')}: {exc!r}")
+                if conn is not None:   # start afresh; this request still counts as failed
+                    conn.close()
+                    conn = None
+                continue
+            if not keepalive:
+                conn.close()
+                conn = None
+            words = body.split()
+            pid = int(words[3]) if len(words) > 3 and words[3].isdigit() else None
+            self.answers.append(Answer(started, time.monotonic(), response.status,
+                                       words[1] if len(words) > 1 else body, pid, keepalive))
+        if conn is not None:
+            conn.close()
+
+    def stop(self, failing: str | None = None) -> Crowd:
+        """Stops the threads; `failing` names the release whose 5xx are its own (not a loss)."""
+        if not self._done.is_set():
+            self._done.set()
+            for thread in self._threads:
+                thread.join(30)
+            lost = len(self.errors) + len(self.failures(failing))
+            tally.add(len(self.answers) + len(self.errors) - lost, lost)
+        return self
+
+    def failures(self, failing: str | None = None) -> list[Answer]:
+        """Answers other than 200, but those of the release `failing`."""
+        return [a for a in self.answers if a.status != 200 and a.release != failing]
+
+    def since(self, t0: float) -> list[Answer]:
+        return [a for a in list(self.answers) if a.started >= t0]
+
+    def releases_since(self, t0: float) -> collections.Counter:
+        return collections.Counter(a.release for a in self.since(t0))
+
+    def seen(self, t0: float = 0.0, t1: float = float("inf"), fresh_only: bool = False) -> collections.Counter:
+        """Answers by (release, HTTP status) of the requests started in [t0, t1)."""
+        return collections.Counter((a.release, a.status) for a in list(self.answers)
+                                   if t0 <= a.started < t1 and not (fresh_only and a.keepalive))
+
+    def wait_answers(self, since: float, n: int = 20, release: str | None = None) -> None:
+        """Until `n` requests started since `since` were answered (by `release`, if named)."""
+        poll(lambda: sum(v for (r, _), v in self.seen(since).items() if release in (None, r)) >= n,
+             timeout=30, what=f"{n} answers{f' from {release}' if release else ''}")
+
+    def wait_workers(self, since: float, pids: set[int], release: str) -> None:
+        """Until each worker in `pids` has answered a request started since `since` as `release`."""
+        poll(lambda: pids <= {a.pid for a in self.since(since) if a.release == release and a.status == 200},
+             timeout=30, what=f"an answer of release {release} from each of the workers {sorted(pids)}")
+
+    def check(self) -> None:
+        self.stop()
+        assert self.errors == [], f"{len(self.errors)} failed request(s): {self.errors[:10]}"
+        assert self.failures() == [], self.failures()[:10]
+        assert len(self.answers) > 20, f"only {len(self.answers)} answers"
+
+
+@pytest.fixture
+def clients():
+    """clients(port) -> a Crowd, stopped when the test ends (whether or not the test stopped it)."""
+    made: list[Crowd] = []
+
+    def start(port: int) -> Crowd:
+        made.append(Crowd(port))
+        return made[-1]
+    yield start
+    for one in made:
+        one.stop()
+
+
+def unit_journal(ns, *args: str) -> str:
+    return ns.journal("-o", "cat", "-u", UNIT, *args)
+
+
+def unit_state(ns) -> dict:
+    return ns.show(UNIT, "MainPID", "ActiveState", "NRestarts")
+
+
+def logged_at(ns, text: str) -> float:
+    """When journald received the unit's first line containing `text`, on the test's
+    time.monotonic() clock (the namespace has no clock namespace: CLOCK_MONOTONIC is the host's)."""
+    def probe():
+        for line in ns.journal("-u", UNIT, "-o", "json", "--output-fields=MESSAGE").splitlines():
+            entry = json.loads(line)
+            if text in str(entry.get("MESSAGE")):
+                return int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
+        return None
+    return poll(probe, what=f"journal line {text!r}")
 
 
 def status(app: AppRoot) -> dict:

@@ -12,20 +12,15 @@ the unit's cgroup (handover_fixtures.unit_procs maps the one to the other).
 """
 from __future__ import annotations
 
-import collections
-import http.client
 import json
 import os
 import re
 import signal
-import threading
 import time
 
-import pytest
-
-import tally
 from deploy import AppRoot
-from handover_fixtures import APP, CLIENTS, UNIT, journal_has, poll, start_site, status, title, unit_procs
+from handover_fixtures import (APP, CLIENTS, UNIT, clients, journal_has, logged_at, poll, start_site,  # noqa: F401
+                               status, title, unit_journal as journal, unit_procs, unit_state)
 from procs import alive, free_port
 from test_canary import APP as CANARY_APP   # "release TAG pid PID"; FAIL_EVERY = n: one request in n is a 500
 
@@ -36,82 +31,6 @@ FIGURES = (r"generation (\d+) answered (\d+) of (\d+) requests with 5xx \((\d+\.
 GATE_FAILED = re.compile(rf"canary failed: {FIGURES}; {FIGURES}; the limit is generation 1's rate \+ 1\.0 % "
                          r"\(upgrade\.canary_max_error_rate\)")
 GATE_PASSED = re.compile(rf"canary passed: {FIGURES}; {FIGURES}; the limit is generation 1's rate")
-
-
-class Client:
-    """GETs from `fresh` threads, each on a new connection (so that connections wait for whichever
-    worker accepts first, as under real load), and from one thread on a keep-alive connection,
-    until stop(). Each answer: (started, ended, status, release, keepalive); every exception kept."""
-
-    def __init__(self, port: int, fresh: int = 3):
-        self.port = port
-        self.answers: list[tuple[float, float, int, str, bool]] = []
-        self.errors: list[str] = []
-        self._done = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(keepalive,), daemon=True)
-                         for keepalive in [False] * fresh + [True]]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, keepalive: bool) -> None:
-        conn = None
-        while not self._done.wait(0.01):   # only pacing, so the masters are not starved of CPU
-            started = time.monotonic()
-            try:
-                # http.client opens a new connection by itself after a "Connection: close"
-                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/")
-                response = conn.getresponse()
-                body = response.read().decode()
-            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                self.errors.append(f"{'keep-alive' if keepalive else 'new-connection'} "
-                                   f"{time.strftime('%T')}: {exc!r}")
-                if conn is not None:   # start afresh; this request still counts as failed
-                    conn.close()
-                    conn = None
-                continue
-            if not keepalive:
-                conn.close()
-                conn = None
-            words = body.split()
-            self.answers.append((started, time.monotonic(), response.status,
-                                 words[1] if len(words) > 1 else body, keepalive))
-
-    def stop(self, failing: str | None = None) -> Client:
-        """Stops the threads; `failing` names the release whose 5xx are its own (not a loss)."""
-        if not self._done.is_set():
-            self._done.set()
-            for thread in self._threads:
-                thread.join(30)
-            lost = len(self.errors) + len(self.failures_not_from(failing))
-            tally.add(len(self.answers) + len(self.errors) - lost, lost)
-        return self
-
-    def failures_not_from(self, release: str | None) -> list:
-        return [a for a in self.answers if a[2] != 200 and a[3] != release]
-
-    def seen(self, t0: float = 0.0, t1: float = float("inf"), fresh_only: bool = False) -> collections.Counter:
-        """Answers by release (and HTTP status) of the requests started in [t0, t1)."""
-        return collections.Counter((release, code) for started, _, code, release, keepalive in self.answers
-                                   if t0 <= started < t1 and not (fresh_only and keepalive))
-
-    def wait_answers(self, since: float, n: int = 20, release: str | None = None) -> None:
-        """Until `n` requests started since `since` were answered (by `release`, if named)."""
-        poll(lambda: sum(v for (r, _), v in self.seen(since).items() if release in (None, r)) >= n,
-             timeout=30, what=f"{n} answers{f' from {release}' if release else ''}")
-
-
-@pytest.fixture
-def clients():
-    """clients(port) -> a Client, stopped when the test ends (whether or not the test stopped it)."""
-    made: list[Client] = []
-
-    def start(port: int) -> Client:
-        made.append(Client(port))
-        return made[-1]
-    yield start
-    for one in made:
-        one.stop()
 
 
 def release(app: AppRoot, tag: str, duration: float, fail_every: int = 0) -> None:
@@ -148,29 +67,9 @@ def running_canary(ns, app: AppRoot) -> dict:
                 timeout=30, what="`supervisorctl status --json` showing the canary")
 
 
-def logged_at(ns, text: str) -> float:
-    """When journald received the unit's first line containing `text`, on the test's
-    time.monotonic() clock (the namespace has no clock namespace: CLOCK_MONOTONIC is the host's)."""
-    def probe():
-        for line in ns.journal("-u", UNIT, "-o", "json", "--output-fields=MESSAGE").splitlines():
-            entry = json.loads(line)
-            if text in str(entry.get("MESSAGE")):
-                return int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
-        return None
-    return poll(probe, what=f"journal line {text!r}")
-
-
 def background_reload(ns):
     """`systemctl reload APP`, returning at once: a Future of its CompletedProcess."""
     return CLIENTS.submit(ns.systemctl, "reload", APP, timeout=120)
-
-
-def journal(ns, *args: str) -> str:
-    return ns.journal("-o", "cat", "-u", UNIT, *args)
-
-
-def unit_state(ns) -> dict:
-    return ns.show(UNIT, "MainPID", "ActiveState", "NRestarts")
 
 
 def served_by_one_generation(ns, app: AppRoot, generation: int) -> dict[int, int] | None:
@@ -233,7 +132,7 @@ def test_a_canary_failing_30_percent_fails_the_reload_and_the_old_release_serves
     client.stop(failing="r2")
 
     assert client.errors == [], f"{len(client.errors)} failed request(s): {client.errors[:10]}"
-    assert client.failures_not_from("r2") == [], client.failures_not_from("r2")[:10]
+    assert client.failures("r2") == [], client.failures("r2")[:10]
     # The gate counted only what this client sent: no more than it saw from each release.
     seen = client.seen()
     assert 0 < errors2 <= seen["r2", 500] and responses2 <= seen["r2", 500] + seen["r2", 200], (seen, text)
@@ -283,8 +182,8 @@ def test_a_healthy_canary_is_promoted_and_the_reload_succeeds(systemd, clients):
     client.wait_answers(since=returned)
     client.stop()
 
-    assert client.errors == [] and client.failures_not_from(None) == [], (client.errors[:10],
-                                                                          client.failures_not_from(None)[:10])
+    assert client.errors == [] and client.failures(None) == [], (client.errors[:10],
+                                                                          client.failures(None)[:10])
     # While the canary was judged (from N's line that it serves to its verdict), both releases
     # answered new connections, the canary about its K/count share.
     during = client.seen(logged_at(systemd, "canary: generation 2 serves with 1 worker(s)"),
@@ -313,8 +212,8 @@ def test_a_stop_while_the_canary_is_judged_stops_both_generations_cleanly(system
     assert [sum(f" gen {g} [{APP}]" in t for t in titles) for g in (1, 2)] == [1 + (COUNT - 1), 1 + 1], titles
     # The client stops first: APP.socket would start the service again for its next connection.
     client.stop()
-    assert client.errors == [] and client.failures_not_from(None) == [], (client.errors[:10],
-                                                                          client.failures_not_from(None)[:10])
+    assert client.errors == [] and client.failures(None) == [], (client.errors[:10],
+                                                                          client.failures(None)[:10])
     assert {tag for tag, _ in client.seen()} == {"r1", "r2"}, client.seen()
 
     stop = systemd.systemctl("stop", UNIT, timeout=60)
@@ -362,7 +261,7 @@ def test_a_killed_canary_master_fails_the_reload_and_the_old_generation_grows_ba
     client.wait_answers(since=gone)
     client.stop()
 
-    assert client.errors == [] and client.failures_not_from(None) == [], (client.errors[:10],
-                                                                          client.failures_not_from(None)[:10])
+    assert client.errors == [] and client.failures(None) == [], (client.errors[:10],
+                                                                          client.failures(None)[:10])
     assert {tag for tag, _ in client.seen()} == {"r1", "r2"}, client.seen()
     assert set(client.seen(gone)) == {("r1", 200)}, client.seen(gone)

@@ -13,118 +13,20 @@ maps the one to the other), and each process is told by its title ("cadenza mast
 """
 from __future__ import annotations
 
-import collections
-import http.client
-import json
 import re
 import shutil
-import threading
 import time
 from typing import NamedTuple
 
-import pytest
-
-import tally
 from deploy import AppRoot
-from handover_fixtures import APP, UNIT, journal_has, poll, start_site, status, title, unit_procs
+from handover_fixtures import (APP, UNIT, clients, journal_has, logged_at, poll, start_site, status,  # noqa: F401
+                               title, unit_journal as journal, unit_procs, unit_state)
 from procs import alive, free_port
 
 COUNT = 2
 WINDOW = 60
 SIGKILLED = "with signal SIGKILL"   # systemd's "Killing process N (x) with signal SIGKILL."
 TITLE = re.compile(rf"^cadenza (master|preloader|worker) (?:\d+ )?gen (\d+) \[{APP}\]")
-
-
-class Answer(NamedTuple):
-    started: float
-    status: int
-    release: str
-    pid: int | None       # the worker's, in the namespace
-    keepalive: bool
-
-
-class Client:
-    """GETs from `fresh` threads, each on a new connection, and from one thread on a keep-alive
-    connection, until stop(). Every answer is kept (release and worker pid), every exception too."""
-
-    def __init__(self, port: int, fresh: int = 3):
-        self.port = port
-        self.answers: list[Answer] = []
-        self.errors: list[str] = []
-        self._done = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(keepalive,), daemon=True)
-                         for keepalive in [False] * fresh + [True]]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, keepalive: bool) -> None:
-        conn = None
-        while not self._done.wait(0.01):   # only pacing, so the masters are not starved of CPU
-            started = time.monotonic()
-            try:
-                # http.client opens a new connection by itself after a "Connection: close"
-                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/")
-                response = conn.getresponse()
-                body = response.read().decode()
-            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
-                self.errors.append(f"{'keep-alive' if keepalive else 'new-connection'} "
-                                   f"{time.strftime('%T')}: {exc!r}")
-                if conn is not None:   # start afresh; this request still counts as failed
-                    conn.close()
-                    conn = None
-                continue
-            if not keepalive:
-                conn.close()
-                conn = None
-            words = body.split()   # "release TAG pid PID"
-            pid = int(words[3]) if len(words) > 3 and words[3].isdigit() else None
-            self.answers.append(Answer(started, response.status, words[1] if len(words) > 1 else body, pid,
-                                       keepalive))
-        if conn is not None:
-            conn.close()
-
-    def stop(self) -> Client:
-        if not self._done.is_set():
-            self._done.set()
-            for thread in self._threads:
-                thread.join(30)
-            lost = len(self.errors) + len(self.failures())
-            tally.add(len(self.answers) + len(self.errors) - lost, lost)
-        return self
-
-    def failures(self) -> list[Answer]:
-        return [a for a in self.answers if a.status != 200]
-
-    def since(self, t0: float) -> list[Answer]:
-        return [a for a in list(self.answers) if a.started >= t0]
-
-    def releases_since(self, t0: float) -> collections.Counter:
-        return collections.Counter(a.release for a in self.since(t0))
-
-    def wait_workers(self, since: float, pids: set[int], release: str) -> None:
-        """Until each worker in `pids` has answered a request started since `since` as `release`."""
-        poll(lambda: pids <= {a.pid for a in self.since(since) if a.release == release and a.status == 200},
-             timeout=30, what=f"an answer of release {release} from each of the workers {sorted(pids)}")
-
-    def check(self) -> None:
-        self.stop()
-        assert self.errors == [], f"{len(self.errors)} failed request(s): {self.errors[:10]}"
-        assert self.failures() == [], self.failures()[:10]
-        assert len(self.answers) > 20, f"only {len(self.answers)} answers"
-
-
-@pytest.fixture
-def clients():
-    """clients(port) -> a Client, stopped when the test ends (whether or not the test stopped it)."""
-    made: list[Client] = []
-
-    def start(port: int) -> Client:
-        made.append(Client(port))
-        return made[-1]
-    yield start
-    for one in made:
-        one.stop()
 
 
 class Proc(NamedTuple):
@@ -179,10 +81,6 @@ def rollback_site(ns, window: float, preload: bool) -> AppRoot:
     return start_site(ns, app)
 
 
-def journal(ns, *args: str) -> str:
-    return ns.journal("-o", "cat", "-u", UNIT, *args)
-
-
 def reload_to(ns, app: AppRoot, tag: str, window: float, preload: bool) -> float:
     """Deploy TAG, switch `current` to it, `systemctl reload APP`; it must succeed. When it returned."""
     release(app, tag, window, preload)
@@ -203,22 +101,6 @@ def exec_reload_said(ns, text: str) -> str:
 def ctl(ns, app: AppRoot, *args: str):
     """The pinned `supervisorctl ARGS`, run inside the namespace from `current`, as an operator does."""
     return ns.run(str(app.root / "shared" / "bin" / "supervisorctl"), *args, cwd=app.root / "current", timeout=60)
-
-
-def unit_state(ns) -> dict:
-    return ns.show(UNIT, "MainPID", "ActiveState", "NRestarts")
-
-
-def logged_at(ns, text: str) -> float:
-    """When journald received the unit's first line containing `text`, on the test's
-    time.monotonic() clock (the namespace has no clock namespace: CLOCK_MONOTONIC is the host's)."""
-    def probe():
-        for line in ns.journal("-u", UNIT, "-o", "json", "--output-fields=MESSAGE").splitlines():
-            entry = json.loads(line)
-            if text in str(entry.get("MESSAGE")):
-                return int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
-        return None
-    return poll(probe, what=f"journal line {text!r}")
 
 
 # ---- 1. a rollback inside the window, with preload ------------------------------------------------
