@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from procs import Master, alive, free_port, wait
+from procs import alive, free_port, wait
 from test_control import Root
 
 # Answers "release TAG"; FAIL_EVERY = n fails one request in n with a 500.
@@ -80,7 +80,6 @@ def site(tmp_path):
     socket_dir.mkdir()
     os.chmod(tmp_path, 0o755)
     root = Root(tmp_path, free_port(), socket_dir)
-    masters = []
 
     def release(tag: str, fail_every: int = 0, count: int = 4, upgrade: str = ""):
         rel = root.release(tag, app="canaryapp:app")
@@ -94,28 +93,10 @@ def site(tmp_path):
 
     def start(**kw):
         release("r1", **kw)
-        root.switch("r1")
-        root.pin()
-        m = Master(tmp_path, cwd=root.path / "current")
-        masters.append(m)
-        m.wait_ready()
-        return m
+        return root.serve("r1")
     root.start = start
     yield root
-    for pid in main_pids(root):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for m in masters:
-        m.close()
-
-
-def main_pids(root) -> list[int]:
-    try:
-        return [json.loads(root.ctl("status", "--json", timeout=10).stdout)["pid"]]
-    except (ValueError, KeyError):
-        return []
+    root.close()
 
 
 def status(root) -> dict:

@@ -32,6 +32,7 @@ class Root:
         self.path = base / "app"
         self.port = port
         self.socket = socket_dir / "control.sock"
+        self.masters: list[Master] = []
         (self.path / "releases").mkdir(parents=True)
         os.chmod(base, 0o755)
 
@@ -56,6 +57,26 @@ class Root:
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         cmd = [str(self.path / "shared/bin/supervisorctl"), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    def serve(self, tag: str = "r1") -> Master:
+        """`current` switched to TAG, the root pinned, and a master started from `current`, serving."""
+        self.switch(tag)
+        self.pin()
+        m = Master(self.path.parent, cwd=self.path / "current")
+        self.masters.append(m)
+        m.wait_ready()
+        return m
+
+    def close(self) -> None:
+        """The main master's group (the one status names, which may be a later generation's) is
+        killed, then every master serve() started is closed."""
+        if self.masters:
+            try:
+                os.killpg(json.loads(self.ctl("status", "--json", timeout=10).stdout)["pid"], signal.SIGKILL)
+            except (ValueError, KeyError, ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        for m in self.masters:
+            m.close()
 
 
 def ctl_as_nobody(*args: str) -> tuple[int, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from procs import Master, alive, children, free_port, wait
+from procs import Master, children, free_port, wait
 from test_control import Root
 
 STATUS_APP = '''
@@ -112,7 +112,6 @@ def site(tmp_path):
     root = Root(tmp_path, free_port(), socket_dir)
     root.metrics_port = free_port()
     root.metrics_listen = f"127.0.0.1:{root.metrics_port}"
-    made = []
 
     def release(tag: str, extra: str = "", app_text: str = STATUS_APP, app: str = "statusapp:app", workers: str = ""):
         rel = root.release(tag, extra=f'[metrics]\nlisten = "{root.metrics_listen}"\n{extra}', app=app)
@@ -124,21 +123,10 @@ def site(tmp_path):
 
     def start(extra: str = "", **kw):
         release("r1", extra, **kw)
-        root.switch("r1")
-        root.pin()
-        m = Master(tmp_path, cwd=root.path / "current")
-        made.append(m)
-        m.wait_ready()
-        return m
+        return root.serve("r1")
     root.start = start
     yield root
-    for m in made:
-        try:
-            os.killpg(int(root.ctl("status", "--json", timeout=10).stdout.split('"pid": ')[1].split(",")[0]),
-                      signal.SIGKILL)
-        except (IndexError, ValueError, ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        m.close()
+    root.close()
     shutil.rmtree(socket_dir, ignore_errors=True)
 
 

@@ -29,13 +29,15 @@ def app(environ, start_response):
 '''
 
 
-def site(tmp_path: Path, start, count: int = 2, module: str = "preapp", extra: str = "", env=None):
-    (tmp_path / f"{module}.py").write_text(APP)
+def site(tmp_path: Path, start, count: int = 2, module: str = "preapp", extra: str = "", env=None,
+         envtable: str = "", name: str = "pre", app: str = APP):
+    """A preloaded app `module` (the text `app`) in tmp_path, started: (master, port, imports file)."""
+    (tmp_path / f"{module}.py").write_text(app)
     port = free_port()
     (tmp_path / "cadenza.toml").write_text(
-        f'[app]\nname = "pre"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
+        f'[app]\nname = "{name}"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
         f'[workers]\ncount = {count}\napp = "{module}:app"\npreload = true\ngraceful_timeout = 5\n{extra}'
-        f'[control]\nsocket = "{tmp_path}/control.sock"\n')
+        f'{envtable}[control]\nsocket = "{tmp_path}/control.sock"\n')
     imports = tmp_path / "imports"
     m = start("-c", "cadenza.toml", env={"TEST_IMPORTS": str(imports), **(env or {})})
     return m, port, imports

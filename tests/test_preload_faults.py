@@ -13,7 +13,8 @@ import signal
 import time
 from pathlib import Path
 
-from procs import Client, alive, children, cmdline, descendants, free_port, get, wait
+from procs import Client, alive, children, cmdline, descendants, get, wait
+from test_preload import site as preload_site
 
 from cadenza.tools.supervisorctl import request
 
@@ -52,15 +53,7 @@ def app(environ, start_response):
 
 
 def site(tmp_path: Path, start, count: int = 2, extra: str = "", env=None, envtable: str = ""):
-    (tmp_path / "fapp.py").write_text(APP)
-    port = free_port()
-    (tmp_path / "cadenza.toml").write_text(
-        f'[app]\nname = "pf"\n[listen]\naddresses = ["127.0.0.1:{port}"]\n'
-        f'[workers]\ncount = {count}\napp = "fapp:app"\npreload = true\ngraceful_timeout = 5\n{extra}'
-        f'{envtable}[control]\nsocket = "{tmp_path}/control.sock"\n')
-    imports = tmp_path / "imports"
-    m = start("-c", "cadenza.toml", env={"TEST_IMPORTS": str(imports), **(env or {})})
-    return m, port, imports
+    return preload_site(tmp_path, start, count, "fapp", extra, env, envtable, name="pf", app=APP)
 
 
 def preloaders(m) -> list[int]:

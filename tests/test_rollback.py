@@ -29,13 +29,7 @@ def make(site, tag: str, window: float = 30, preload: bool = False):
 
 def start(site, window: float = 30, preload: bool = False):
     make(site, "r1", window, preload)
-    site.switch("r1")
-    site.pin()
-    from procs import Master
-    m = Master(site.path.parent, cwd=site.path / "current")
-    site.masters.append(m)
-    m.wait_ready()
-    return m
+    return site.serve("r1")
 
 
 def upgrade_to(site, tag: str, **kw):
@@ -46,10 +40,8 @@ def upgrade_to(site, tag: str, **kw):
 
 @pytest.fixture
 def warm_site(site):
-    site.masters = []
-    yield site
-    for m in site.masters:
-        m.close()
+    """test_canary's site (its masters closed after the test), for the rollback window."""
+    return site
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["exec", "preload"])
