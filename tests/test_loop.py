@@ -73,3 +73,41 @@ def test_pid_0_1_and_our_own_group_are_never_signalled(caplog):
         assert not signal_group(os.getpgrp(), signal.SIGKILL)
         assert not signal_group(0, signal.SIGKILL)
     assert sum("refusing" in m for m in caplog.messages) == 5
+
+
+def test_a_paused_acceptor_started_and_stopped_in_any_order_is_registered_once():
+    """EMFILE pauses accepting; a rollback's start, or a hand-over's stop and start, may come while
+    paused. The pause's end must not register the socket a second time (KeyError from the
+    selector), nor register it after a stop."""
+    loop = Loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0cadenza-test-acceptor-%d" % os.getpid())
+    listener.listen()
+    listener.setblocking(False)
+    accepted = []
+
+    def on_ready():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        loop.stopped = True
+    acceptor = loop.acceptor(listener, on_ready, 0.05)
+    acceptor.start()
+    acceptor.pause()
+    acceptor.stop()
+    acceptor.start()          # main again while paused: the pause's end registers it, once
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(listener.getsockname())
+    loop.after(5, lambda: setattr(loop, "stopped", True))   # a deadline, should nothing be accepted
+    loop.run()
+    assert len(accepted) == 1 and acceptor.accepting
+    assert len([key for key in loop.selector.get_map().values() if key.fileobj is listener]) == 1
+
+    acceptor.pause()
+    acceptor.stop()           # stopped while paused: the pause's end leaves it out
+    loop.stopped = False
+    loop.after(0.1, lambda: setattr(loop, "stopped", True))
+    loop.run()
+    assert all(key.fileobj is not listener for key in loop.selector.get_map().values())
+    for sock in (client, listener, *accepted):
+        sock.close()
+    loop.close()

@@ -206,11 +206,10 @@ class ControlServer:
         self.access = access
         self.on_command = on_command
         self.clients: set[Client] = set()
-        self.accepting = True
-        self._paused = None
         self._refusals = (0.0, 0, 0)   # window start, refusals in it, those not logged
         sock.setblocking(False)
-        loop.add_reader(sock, self._on_accept)
+        self.acceptor = loop.acceptor(sock, self._on_accept, ACCEPT_PAUSE)
+        self.acceptor.start()
 
     def count(self, rank: str) -> int:
         return sum(1 for c in self.clients if c.rank == rank)
@@ -226,8 +225,7 @@ class ControlServer:
                     # The connection stays queued and would wake the loop again at once: pause.
                     log.error("control socket: out of file descriptors (%s); not accepting for %gs. "
                               "Raise LimitNOFILE= in the unit", exc.strerror, ACCEPT_PAUSE)
-                    self.loop.remove(self.sock)
-                    self._paused = self.loop.after(ACCEPT_PAUSE, self._resume)
+                    self.acceptor.pause()
                 return
             try:
                 self._admit(conn)
@@ -270,25 +268,12 @@ class ControlServer:
     def forget(self, client: Client) -> None:
         self.clients.discard(client)
 
-    def _resume(self) -> None:
-        self._paused = None
-        if self.accepting:
-            self.loop.add_reader(self.sock, self._on_accept)
-
     def start_accepting(self) -> None:
         """Main again (a rollback to a warm generation, daemon/warm.py)."""
-        if not self.accepting:
-            self.accepting = True
-            self.loop.add_reader(self.sock, self._on_accept)
+        self.acceptor.start()
 
     def stop_accepting(self) -> None:
-        if self.accepting:
-            self.accepting = False
-            if self._paused is not None:
-                self._paused.cancel()
-                self._paused = None
-            else:
-                self.loop.remove(self.sock)
+        self.acceptor.stop()
 
     def close(self) -> None:
         for client in list(self.clients):

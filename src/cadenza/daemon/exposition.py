@@ -25,7 +25,7 @@ import logging
 import selectors
 import socket
 
-from .loop import Loop, Timer
+from .loop import Acceptor, Loop, Timer
 
 log = logging.getLogger("cadenza.master")
 
@@ -44,8 +44,8 @@ class Exposition:
         self.clients: list[_Scrape] = []       # oldest first
         self.frozen: str | None = None
         sock.setblocking(False)
-        self.accepting = True
-        loop.add_reader(sock, self._accept)
+        self.acceptor = Acceptor(loop, sock, self._accept, ACCEPT_PAUSE)
+        self.acceptor.start()
 
     def text(self) -> str:
         return self.frozen if self.frozen is not None else self.render()
@@ -62,8 +62,7 @@ class Exposition:
             except OSError as exc:      # EMFILE and the like: pause, or the loop would spin on it
                 log.warning("metrics: cannot accept a scrape: %s; accepting again in %gs",
                             exc.strerror or exc, ACCEPT_PAUSE)
-                self.loop.remove(self.sock)
-                self.loop.after(ACCEPT_PAUSE, self._resume)
+                self.acceptor.pause()
                 return
             if len(self.clients) >= MAX_CLIENTS:
                 idle = next((c for c in self.clients if not c.answer), None)
@@ -73,20 +72,12 @@ class Exposition:
                 idle.close()
             self.clients.append(_Scrape(self, conn))
 
-    def _resume(self) -> None:
-        if self.accepting:
-            self.loop.add_reader(self.sock, self._accept)
-
     def start_accepting(self) -> None:
-        if not self.accepting:
-            self.accepting = True
-            self.loop.add_reader(self.sock, self._accept)
+        self.acceptor.start()
 
     def stop_accepting(self) -> None:
         """Not main any more: the next main answers (scrapes under way finish)."""
-        if self.accepting:
-            self.accepting = False
-            self.loop.remove(self.sock)
+        self.acceptor.stop()
 
     def close(self) -> None:
         self.stop_accepting()

@@ -73,6 +73,41 @@ class Timers:
         return out
 
 
+class Acceptor:
+    """A listening socket's place in the loop: `start()`, `stop()`, and `pause()` after an accept
+    that failed for want of fds (EMFILE): the connection stays queued and would wake the loop
+    again at once, so the socket leaves the selector for `seconds`. Whatever order a rollback's
+    start, a hand-over's stop and a pause's end come in, the socket is registered once or not at
+    all (selectors refuses a second registration)."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, on_ready: Callable[[], None], seconds: float):
+        self.loop, self.sock, self.on_ready, self.seconds = loop, sock, on_ready, seconds
+        self.accepting = False
+        self._paused: Timer | None = None
+
+    def start(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            if self._paused is None:
+                self.loop.add_reader(self.sock, self.on_ready)
+
+    def stop(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            if self._paused is None:
+                self.loop.remove(self.sock)
+
+    def pause(self) -> None:
+        if self.accepting and self._paused is None:
+            self.loop.remove(self.sock)
+            self._paused = self.loop.after(self.seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self.accepting:
+            self.loop.add_reader(self.sock, self.on_ready)
+
+
 class Loop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -93,6 +128,9 @@ class Loop:
             self.selector.modify(fd, events, callback)
         except (KeyError, ValueError):
             pass
+
+    def acceptor(self, sock: socket.socket, on_ready: Callable[[], None], seconds: float) -> Acceptor:
+        return Acceptor(self, sock, on_ready, seconds)
 
     def remove(self, fd) -> None:
         try:
