@@ -217,6 +217,57 @@ def test_a_crash_of_the_canary_s_master_while_it_grows_brings_the_old_workers_ba
     assert all("r2" in e or "Connection" in e or "Remote" in e for e in load.errors), load.errors[:3]
 
 
+def test_a_mainpid_that_cannot_be_sent_while_the_canary_grows_fails_the_upgrade_and_n_grows_back(site):
+    m = site.start()
+    rel = site.make("r2", upgrade="canary_duration = 1\n")
+    with open(rel / "canaryapp.py", "a") as app:   # each new worker takes a second: the growth is seen
+        app.write("\nimport time\ntime.sleep(1.0)\n")
+    site.switch("r2")
+    thread, result = upgrade_async(site, "--canary", "1")
+    wait(lambda: (s := status(site)).get("canary") and s["canary"]["state"] == "promoting its canary",
+         timeout=30, what="the canary promoted and growing")
+    os.unlink(m.notify_path)     # the notify socket refuses MAINPID= from now on (ENOENT)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the upgrade was never answered"
+    proc = result["proc"]
+    assert proc.returncode == 1 and "could not send MAINPID=" in proc.stderr, proc.stdout + proc.stderr
+    st = wait(lambda: (s := status(site))["state"] == "serving" and
+              len([w for w in s["workers"] if w["state"] == "ready"]) == 4 and s, what="generation 1 back at 4")
+    assert st["generation"] == 1 and st.get("canary") is None and alive(m.pid)
+    assert "internal error" not in m.log(), m.log()[-3000:]
+    assert site.ctl("scale", "+1").returncode == 0       # serving again: requests are taken
+
+
+def test_a_canary_larger_than_the_new_release_s_count_stops_only_as_many_old_workers(site):
+    m = site.start()                       # count 4
+    site.make("r2", count=1, upgrade="canary_duration = 30\n")
+    site.switch("r2")
+    thread, result = upgrade_async(site, "--canary", "3")
+    st = wait(lambda: (s := status(site)).get("canary") and s["canary"].get("judging_in") is not None and s,
+              what="the canary running")
+    # r2 runs one worker (its count), so generation 1 stops one, not three: 4 serve in all.
+    assert st["canary"]["workers"] == 1 and st["target_workers"] == 3, st
+    m.signal(signal.SIGTERM)
+    thread.join()
+    assert m.wait_exit(timeout=30) == 0
+
+
+def test_a_stop_during_a_canary_starts_none_of_the_old_generation_s_workers_again(site):
+    m = site.start()
+    site.make("r2", upgrade="canary_duration = 30\n")
+    site.switch("r2")
+    thread, result = upgrade_async(site, "--canary", "2")
+    wait(lambda: (s := status(site)).get("canary") and s["canary"].get("judging_in") is not None,
+         what="the canary running")
+    mark = len(m.log())
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit(timeout=30) == 0
+    thread.join()
+    assert result["proc"].returncode == 1
+    after = m.log()[mark:]
+    assert not re.search(r"worker \d+ started", after), after
+
+
 def test_a_stop_during_the_canary_drains_both_generations(site):
     m = site.start()
     site.make("r2", upgrade="canary_duration = 30\n")

@@ -345,7 +345,10 @@ def test_the_application_s_own_counter_survives_100_recycles_and_3_upgrades(site
             before = recycled()
             hit(site.port, "/")
             sent += 1
-            wait(lambda: recycled() > before, timeout=20, what=f"recycle {recycles + 1}")
+            try:
+                wait(lambda: recycled() > before, timeout=20, what=f"recycle {recycles + 1}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the master's log ends:\n{m.log()[-6000:]}") from None
             recycles += 1
             most[0] = max(most[0], len(os.listdir(base / f"gen-{generation}")))
         settle(generation)

@@ -171,6 +171,21 @@ def test_a_master_killed_outright_takes_its_preloader_and_workers_with_it(start,
     wait(lambda: not any(alive(p) for p in tree), timeout=10, what="the preloader and its workers gone")
 
 
+def test_workers_that_outlived_their_preloader_drain_when_the_master_is_killed_outright(start, tmp_path):
+    m, port, imports = site(tmp_path, start, extra="max_lifetime = 3600\n")
+    m.wait_ready()
+    first = preloader_of(m)
+    orphans = children(first)
+    # A live preloader passes the master's death on to its workers; a dead one cannot. Kill it,
+    # then the master, before any rolling restart has replaced its workers.
+    os.kill(first, signal.SIGKILL)
+    wait(lambda: not alive(first), what="the preloader gone")
+    os.kill(m.pid, signal.SIGKILL)
+    m.proc.wait()
+    # No parent tells them: each watches the master's pidfd, and drains.
+    wait(lambda: not any(alive(w) for w in orphans), timeout=15, what="the orphaned workers gone")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTTIN])
 def test_a_rolling_restart_and_a_new_worker_come_from_the_preloader(start, tmp_path, signum):
     m, port, imports = site(tmp_path, start)

@@ -182,8 +182,7 @@ class Canary:
                   self.number, run.count, run.generation)
         succession.emit("progress", f"{run.reason}; generation {self.number} grows back to {run.count} worker(s)")
         self.state = State.ROLLING_BACK
-        while len(self.pool.slots) < run.count:
-            self.pool.add_slot()
+        self._grow_back(run)
         # Workers that cannot start again must not keep the bad canary serving for ever.
         run.restore = self.loop.after(self.config.workers.ready_timeout, self._stop_canary)
         self.on_canary_restored()
@@ -209,8 +208,11 @@ class Canary:
                                          f"ready; generation {self.number} keeps {len(self.pool.slots)}")
 
     def on_promoted_ready(self, **_) -> None:
-        self._end_canary()
+        run = self._end_canary()
         self.on_commit()
+        if self.state is State.PROMOTING:   # MAINPID= could not be sent: N+1 is being stopped
+            self.canary_run = run
+            self._grow_back(run)
 
     def on_canary_gone(self, **_) -> None:
         """N+1 exited: it was stopped by the gate, or crashed (or was killed) while a canary."""
@@ -218,12 +220,16 @@ class Canary:
         self.succession = None
         if self.multiproc is not None:
             self.multiproc.fold_from(succession.generation)   # what the canary served is ours
-        while len(self.pool.slots) < run.count:
-            self.pool.add_slot()
+        self._grow_back(run)
         self.state = State.SERVING
         reason = run.reason or (f"canary failed: generation {run.generation} (pid {run.pid}) exited while it was "
                                 f"the canary{': ' + succession.reason if succession.reason else ''}")
         self._upgrade_over(succession, reason, outcome="rolled_back")
+
+    def _grow_back(self, run: CanaryRun) -> None:
+        """N's own count again: the K it stopped for the canary, and those it stopped as it grew."""
+        while len(self.pool.slots) < run.count:
+            self.pool.add_slot()
 
     def _end_canary(self) -> CanaryRun:
         run, self.canary_run = self.canary_run, None

@@ -202,7 +202,8 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
         if self.inherited.heir:
             self.inherited.redirect_output()
             self.state = State.STANDBY
-            self.inherited.say("ready")    # master N now sends MAINPID=us, then says "main"
+            # master N now sends MAINPID=us, then says "main"; a canary says how many it started
+            self.inherited.say(f"ready {len(self.pool.slots)}" if self.canary_workers else "ready")
         else:
             self.state = State.SERVING
             self.systemd.send(ready=1, status=self.status_text(), **self._watchdog_field())
@@ -307,11 +308,12 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
         if self.state is not State.STOPPING:
             self.exit_code_pending = code
             self.systemd.send(stopping=1, status=status or f"generation {self.number} stopping")
+        # STOPPING first: the failure below is handled in it (a canary's N grows nothing back).
+        self.state = State.STOPPING
         if self.succession is not None and self.succession.stage is Stage.BOOTING:
             self.succession.fail("the service is stopping")
         self._answer_deferred("the service is stopping")
         self.dismiss_warm("the service stops")
-        self.state = State.STOPPING
         self._close_listeners()
         if kill:
             self.pool.kill_all()

@@ -185,6 +185,8 @@ class Succession:
                 self.progress = text[:200]
                 self.emit("progress", f"generation {self.generation}: {self.progress}")
             elif verb == "ready" and self.stage is Stage.BOOTING:
+                if text.isdigit() and not self.said_ready:   # a canary: the workers it started
+                    self.canary = min(self.canary, int(text)) if self.canary else 0
                 self.said_ready = True
                 self.emit("ready", f"generation {self.generation} ready")
                 self.report("ready")

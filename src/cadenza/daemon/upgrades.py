@@ -163,8 +163,7 @@ class Upgrades:
         self._last_status = ""   # STATUS= shows the failing upgrade until it is over
         run = self.canary_run   # N+1 drains now: a canary's generation N has its workers back first
         if run is not None and self.state in (State.CANARY, State.PROMOTING, State.ROLLING_BACK):
-            while len(self.pool.slots) < run.count:
-                self.pool.add_slot()
+            self._grow_back(run)
 
     def on_successor_gone(self, **_) -> None:
         succession = self.succession

@@ -53,6 +53,7 @@ log = logging.getLogger("cadenza.worker")
 uvicorn_log = logging.getLogger("uvicorn.error")
 SETTLE_TURNS = 8
 RECHECK = 1.0   # seconds: the drain looks again (a WebSocket's end does not wake it, an HTTP one's does)
+MASTER_PIDFD: int | None = None   # a preloader's fork: the master's pidfd (preloader.py)
 
 
 class StartupFailed(Exception):
@@ -90,6 +91,8 @@ class NotifyingServer(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake_on_signals(self._loop)
+        if MASTER_PIDFD is not None:
+            self._loop.add_reader(MASTER_PIDFD, self._master_gone)
         self.server_state.start(self._loop, self.max_requests)
         self.server_state.drained = self._wake
         if self.timeouts is not None:
@@ -111,6 +114,14 @@ class NotifyingServer(uvicorn.Server):
                 self._loop.call_soon_threadsafe(self._wake)
             except RuntimeError:   # the loop has closed
                 pass
+
+    def _master_gone(self) -> None:
+        """A forked worker's master has exited (its pidfd is readable): drain, as a worker exec'd
+        by the master does on PR_SET_PDEATHSIG's SIGTERM."""
+        self._loop.remove_reader(MASTER_PIDFD)
+        if not self.should_exit:
+            log.warning("the master has exited; draining")
+            self.handle_exit(signal.SIGTERM, None)
 
     def _wake_on_signals(self, loop) -> None:
         """A stop signal may land on any thread (the WSGI pool's, the timeout monitor's). Python

@@ -12,7 +12,8 @@ stop over the channel (the master's drain), it forks no more and exits once its 
 gone. A stop signal from anyone else (`systemctl kill`, a user) is ignored while its master
 lives: the master decides. If the master itself is gone (SIGTERM through PR_SET_PDEATHSIG, or
 the channel closed), it passes SIGTERM on to its workers' groups, which then drain as they
-would without preload.
+would without preload. A worker also watches the master through a pidfd the preloader opened
+(and its forks inherit): one that outlived its preloader drains when the master goes.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Forker:
     def __init__(self, channel: socket.socket, application, sockets, settings):
         self.channel, self.application, self.sockets, self.settings = channel, application, sockets, settings
         self.master = os.getppid()
+        self.master_fd = _pidfd(self.master)   # inherited by every fork: its workers watch the master too
         self.children: set[int] = set()
         self.stopping = False
         self.orphaned = False
@@ -232,6 +234,7 @@ class Forker:
             gc.enable()
             os.environ.update(env)
             os.environ["CADENZA_WORKER_ID"] = str(worker_id)
+            worker_app.MASTER_PIDFD = self.master_fd
             if "WATCHDOG_USEC" in env:
                 os.environ["WATCHDOG_PID"] = str(os.getpid())
             code = serve_loaded(self.application, self.sockets, self.settings)
@@ -244,6 +247,17 @@ class Forker:
                 except (OSError, ValueError):
                     pass
             os._exit(code)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of the master, or None (EMFILE, or a kernel without pidfds): a worker forked from a
+    preloader that has since died has no parent to pass the master's death on, and watches this."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        log.warning("cannot watch the master (pid %d) for the workers: %s; a worker outliving this "
+                    "preloader then ends only with the unit's cgroup", pid, exc.strerror or exc)
+        return None
 
 
 def serve_loaded(application, sockets, settings) -> int:
