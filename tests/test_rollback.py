@@ -5,9 +5,11 @@ the window's end, a pruned release, a new upgrade and a stop each end it as warm
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -205,7 +207,6 @@ def test_a_second_rollback_while_one_runs_is_refused(warm_site):
     assert upgrade_to(site, "r2").returncode == 0
     with open(site.path / "releases" / "r1" / "canaryapp.py", "a") as app:   # its workers start slowly
         app.write("\nimport time\ntime.sleep(1.5)\n")
-    import threading
     first = {}
     thread = threading.Thread(target=lambda: first.update(proc=site.ctl("rollback", timeout=60)))
     thread.start()
@@ -216,3 +217,39 @@ def test_a_second_rollback_while_one_runs_is_refused(warm_site):
     assert second.returncode == 1 and "rollback refused" in second.stderr, second.stderr
     assert first["proc"].returncode == 0, first["proc"].stdout + first["proc"].stderr
     assert status(site)["generation"] == 1
+
+
+def test_a_preloader_kept_for_a_window_that_will_not_be_leaves_with_its_master(warm_site):
+    """Generation 1 hands over keeping its preloader for the window, but generation 2 dies while
+    generation 1 still drains a request: nothing is warm to roll back from, so generation 1
+    exits, and its preloader with it (not left behind)."""
+    site = warm_site
+    rel = make(site, "r1", preload=True)
+    with open(rel / "canaryapp.py", "a") as app:    # /slow holds generation 1's worker for 3 s
+        app.write("\n_plain = app\ndef app(environ, start_response):\n"
+                  "    if environ['PATH_INFO'] == '/slow':\n        import time; time.sleep(3)\n"
+                  "    return _plain(environ, start_response)\n")
+    m = site.serve("r1")
+    preloader = [p for p in children(m.pid) if "preloader" in cmdline(p)][0]
+    held = {}
+
+    def slow():
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=20)
+        conn.request("GET", "/slow")
+        held["status"] = conn.getresponse().status
+    thread = threading.Thread(target=slow)
+    thread.start()
+    wait(lambda: "GET /slow" in m.log() or any("worker" in cmdline(p) for p in children(preloader)),
+         what="the slow request under way")
+    make(site, "r2", preload=True)
+    site.switch("r2")
+    upgrading = threading.Thread(target=lambda: site.ctl("upgrade", timeout=60))
+    upgrading.start()
+    new_main = wait(lambda: (s := status(site))["generation"] == 2 and s["pid"], what="generation 2 main")
+    os.killpg(new_main, signal.SIGKILL)
+    thread.join()
+    upgrading.join()
+    assert held.get("status") == 200, held
+    assert m.wait_exit(timeout=20) == 0
+    # The master reaped it before it exited: nothing of r1 runs once generation 1's master is gone.
+    assert not alive(preloader), f"generation 1's preloader (pid {preloader}) outlived its master"

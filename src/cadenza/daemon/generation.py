@@ -352,6 +352,9 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
         if self.state is State.LEAVING and self.can_go_warm():
             self._go_warm()
             return
+        if self.state is State.LEAVING and self.pool.starter_kept:
+            self.pool.drain()   # a preloader kept for a warm window that will not be goes too, then DRAINED
+            return
         if self.state is State.STOPPING:
             if self.succession is not None and self.succession.stage is not Stage.DONE and self.succession.alive():
                 return   # a next generation that was told to stop is still draining
