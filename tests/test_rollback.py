@@ -253,3 +253,29 @@ def test_a_preloader_kept_for_a_window_that_will_not_be_leaves_with_its_master(w
     assert m.wait_exit(timeout=20) == 0
     # The master reaped it before it exited: nothing of r1 runs once generation 1's master is gone.
     assert not alive(preloader), f"generation 1's preloader (pid {preloader}) outlived its master"
+
+
+def test_a_rollback_to_a_warm_generation_already_told_to_leave_is_refused(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    m.signal(signal.SIGSTOP)          # a warm master slow to go: it has not read "expire" yet
+    try:
+        (site.make("r3", count=2, upgrade="rollback_window = 30\n") / "canaryapp.py").write_text(
+            "raise RuntimeError('r3 cannot start')\n")
+        site.switch("r3")
+        upgrading = threading.Thread(target=lambda: site.ctl("upgrade", timeout=60))
+        upgrading.start()
+        # The upgrade fails (r3 cannot import), and generation 2 serves again; the warm one, told to
+        # leave when the upgrade started, is still there (stopped).
+        st = wait(lambda: (s := status(site))["state"] == "serving" and s["warm"] and s["warm"]["leaving"] and s,
+                  timeout=30, what="the upgrade failed, the warm generation told to leave")
+        assert st["warm"]["leaving"] == "an upgrade starts", st["warm"]
+        back = site.ctl("rollback")
+        assert back.returncode == 1 and "told to leave (an upgrade starts)" in back.stderr, back.stderr
+    finally:
+        m.signal(signal.SIGCONT)
+    upgrading.join()
+    assert m.wait_exit(timeout=20) == 0
+    st = status(site)
+    assert st["generation"] == 2 and st["warm"] is None

@@ -42,6 +42,7 @@ class WarmPredecessor:
     generation: int
     release: str
     expires: float
+    leaving: str = ""      # why it was told to leave ("expire"); it is going, and cannot be rolled back to
 
 
 class Warm:
@@ -151,8 +152,9 @@ class Warm:
 
     def dismiss_warm(self, why: str) -> None:
         """The warm generation leaves (a new upgrade, a stop)."""
-        if self.warm is not None and self.inherited.channel is not None:
+        if self.warm is not None and self.inherited.channel is not None and not self.warm.leaving:
             log.info("generation %d (warm) is told to leave: %s", self.warm.generation, why)
+            self.warm.leaving = why
             self.inherited.say("expire")
 
     def on_start_rollback(self, source: str = "", watcher=None, **_) -> None:
@@ -161,6 +163,9 @@ class Warm:
         if warm is None:
             refused = ("no generation is warm: upgrade.rollback_window is 0 (off), or the window of the "
                        "previous generation is over")
+        elif warm.leaving:
+            refused = (f"generation {warm.generation} is no longer warm: it was told to leave ({warm.leaving}) "
+                       "and is exiting")
         elif not os.path.isdir(warm.release):
             refused = (f"generation {warm.generation}'s release {warm.release} is gone (pruned); keep the "
                        "release of a warm generation until its rollback window is over")
@@ -199,7 +204,7 @@ class Warm:
         if warm is None:
             return None
         return {"generation": warm.generation, "release": warm.release,
-                "expires_in": round(max(warm.expires - time.monotonic(), 0.0), 1)}
+                "expires_in": round(max(warm.expires - time.monotonic(), 0.0), 1), "leaving": warm.leaving or None}
 
 
 class _Adopted:
