@@ -313,3 +313,22 @@ def test_a_canary_needs_a_worker_to_spare(site):
     site.switch("r2")
     proc = site.ctl("upgrade", "--canary", "2")
     assert proc.returncode == 1 and "--canary 2 needs more than 2 workers" in proc.stderr, proc.stderr
+
+
+def test_a_stop_while_a_failed_canary_is_rolled_back_keeps_the_gate_s_verdict(site):
+    m = site.start()
+    load = Load(site.port)
+    site.make("r2", fail_every=2, upgrade="canary_duration = 1\n")
+    site.switch("r2")
+    # Generation 1's own workers come back slowly after the gate fails: the stop lands in ROLLING_BACK.
+    with open(site.path / "releases" / "r1" / "canaryapp.py", "a") as app:
+        app.write("\nimport time\ntime.sleep(2.0)\n")
+    thread, result = upgrade_async(site, "--canary", "1")
+    wait(lambda: "grows back to 4 worker(s)" in m.log(), timeout=30, what="the gate failed")
+    m.signal(signal.SIGTERM)
+    thread.join()
+    load.stop()
+    assert m.wait_exit(timeout=30) == 0
+    proc = result["proc"]
+    assert proc.returncode == 1 and "canary failed: generation 2 answered" in proc.stderr, proc.stderr
+    assert "the service is stopping" in proc.stderr, proc.stderr

@@ -161,9 +161,14 @@ class Upgrades:
 
     def on_upgrade_failed(self, reason: str = "", **_) -> None:
         self._last_status = ""   # STATUS= shows the failing upgrade until it is over
-        run = self.canary_run   # N+1 drains now: a canary's generation N has its workers back first
-        if run is not None and self.state in (State.CANARY, State.PROMOTING, State.ROLLING_BACK):
-            self._grow_back(run)
+        run = self.canary_run
+        if run is not None:
+            run.judged = True    # N+1 is being stopped: no judgement (nor its reason) comes after this one
+            for timer in (run.timer, run.answer):
+                if timer is not None:
+                    timer.cancel()
+            if self.state in (State.CANARY, State.PROMOTING, State.ROLLING_BACK):
+                self._grow_back(run)   # N+1 drains now: our own workers come back first
 
     def on_successor_gone(self, **_) -> None:
         succession = self.succession
@@ -179,7 +184,11 @@ class Upgrades:
         self.succession = None
         if self.state is State.UPGRADING:
             self.state = State.SERVING
-        self._upgrade_over(succession, succession.reason or "the new generation exited")
+        run = self._end_canary() if self.canary_run is not None else None
+        if run is not None and run.reason:   # a stop after the gate failed: its verdict is the outcome
+            self._upgrade_over(succession, f"{run.reason}; then {succession.reason}", outcome="rolled_back")
+        else:
+            self._upgrade_over(succession, succession.reason or "the new generation exited")
         self._maybe_exit()
 
     def _reclaim(self, succession: Succession) -> None:
