@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from procs import Master, children, free_port, wait
+from procs import Master, alive, children, free_port, wait
 from test_control import Root
 
 STATUS_APP = '''
@@ -341,21 +341,24 @@ def test_the_application_s_own_counter_survives_100_recycles_and_3_upgrades(site
              what=f"the files of gen-{generation} merged: {sorted(os.listdir(base / f'gen-{generation}'))}")
         most[0] = max(most[0], len(os.listdir(base / f"gen-{generation}")))
     for generation, tag in ((1, "r2"), (2, "r3"), (3, "r4")):
-        for _ in range(34 if generation < 3 else 32):
+        goal = {1: 34, 2: 68, 3: 100}[generation]     # recycles in all, by the end of this generation
+        while recycles < goal:
             before = recycled()
-            hit(site.port, "/")
+            pid = int(http_get(site.port, "/").split()[1])
             sent += 1
+            # The worker that answered is recycled, or it was one already replaced and draining
+            # (the kernel may queue a connection to it in the moment before it stops accepting).
             try:
-                wait(lambda: recycled() > before, timeout=20, what=f"recycle {recycles + 1}")
+                wait(lambda: recycled() > before or not alive(pid), timeout=20, what=f"recycle {recycles + 1}")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; the master's log ends:\n{m.log()[-6000:]}") from None
-            recycles += 1
+            recycles = int(recycled())
             most[0] = max(most[0], len(os.listdir(base / f"gen-{generation}")))
         settle(generation)
         proc = upgrade(site, tag, **config)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     settle(4)
-    assert sent == 100 and recycles == 100
+    assert recycles >= 100 and sent > 0, (sent, recycles)   # and the app counted every request sent (settle)
     # Bounded by the exits of one tool's run (about 0.3 s of recycles here), not by their number.
     assert most[0] <= 30, f"{most[0]} files in a generation's directory at most"
 
