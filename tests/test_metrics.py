@@ -367,3 +367,22 @@ def http_get(port: int, path: str) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", path)
     return conn.getresponse().read().decode()
+
+
+def test_a_failed_upgrade_s_directory_is_set_aside_before_its_failure_is_answered(site):
+    """A retry of the upgrade takes the same generation number, and starts gen-N afresh: the fold
+    of the failed attempt's gen-N must not be still to run in the same directory by then."""
+    config = dict(extra="multiprocess = true\n", app_text=COUNTING_APP, app="countapp:app")
+    site.start(**config)
+    base = site.socket.parent / "metrics"
+    for _ in range(3):
+        http_get(site.port, "/")
+    for attempt in range(3):
+        proc = upgrade(site, f"bad{attempt}", extra="multiprocess = true\n", app_text="raise SystemExit(3)\n",
+                       app="countapp:app")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "gen-2" not in os.listdir(base), os.listdir(base)
+    proc = upgrade(site, "good", **config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait(lambda: sorted(os.listdir(base)) == ["gen-2"], timeout=20, what=f"gen-2 alone in {base}")
+    wait(lambda: value(samples(http_get(site.port, "/metrics")), "app_hits_total") == 3, what="the 3 requests counted")

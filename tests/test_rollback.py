@@ -279,3 +279,59 @@ def test_a_rollback_to_a_warm_generation_already_told_to_leave_is_refused(warm_s
     assert m.wait_exit(timeout=20) == 0
     st = status(site)
     assert st["generation"] == 2 and st["warm"] is None
+
+
+# ---- PROMETHEUS_MULTIPROC_DIR across the window ------------------------------------------------
+
+def counting(site, tag: str):
+    """A release of test_metrics' COUNTING_APP (its own prometheus_client counter, multiprocess)."""
+    from test_metrics import COUNTING_APP
+    rel = make(site, tag)
+    (rel / "canaryapp.py").write_text(COUNTING_APP)
+    config = rel / "cadenza.toml"
+    config.write_text(config.read_text() + "[metrics]\nmultiprocess = true\n")
+    return rel
+
+
+def app_hits(site) -> float:
+    from test_metrics import http_get, samples, value
+    return value(samples(http_get(site.port, "/metrics")), "app_hits_total")
+
+
+def test_the_application_s_counter_holds_through_the_window_a_rollback_and_a_stop(warm_site):
+    from test_metrics import http_get
+    site = warm_site
+    counting(site, "r1")
+    m = site.serve("r1")
+    base = site.socket.parent / "metrics"
+    for _ in range(10):
+        http_get(site.port, "/")
+    wait(lambda: app_hits(site) == 10, what="10 requests counted by generation 1")
+    counting(site, "r2")
+    site.switch("r2")
+    assert site.ctl("upgrade").returncode == 0
+    # Warm generation 1 writes nothing any more: its counts are generation 2's from now on.
+    wait(lambda: sorted(os.listdir(base)) == ["gen-2"], what="gen-1 folded into gen-2 while 1 is warm")
+    assert min(app_hits(site) for _ in range(5)) == 10
+    for _ in range(5):
+        http_get(site.port, "/")
+    assert site.ctl("rollback").returncode == 0
+    # Back on generation 1, with its directory made again; once 2 has gone, its counts join.
+    wait(lambda: sorted(os.listdir(base)) == ["gen-1"], timeout=20, what="gen-2 folded into gen-1")
+    wait(lambda: app_hits(site) == 15, what="all 15 requests counted after the rollback")
+    assert alive(m.pid)
+    counting(site, "r3")
+    site.switch("r3")
+    assert site.ctl("upgrade").returncode == 0      # generation 1 warm again, its counts with 3
+    # Generation 3 follows generation 1 (not 2): the warm one, and the directory folded, are 1's.
+    st = wait(lambda: (s := status(site))["warm"] and s, what="generation 1 warm again")
+    assert (st["generation"], st["warm"]["generation"]) == (3, 1), st["warm"]
+    wait(lambda: sorted(os.listdir(base)) == ["gen-3"], what="gen-1 folded into gen-3")
+    assert app_hits(site) == 15
+    main = status(site)["pid"]
+    os.kill(main, signal.SIGTERM)
+    wait(lambda: not alive(main) and not alive(m.pid), timeout=20, what="both masters gone")
+    try:
+        wait(lambda: os.listdir(base) == [], timeout=10, what=f"nothing left in {base}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {os.listdir(base)}\n{m.log()[-5000:]}") from None

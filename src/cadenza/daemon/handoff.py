@@ -26,7 +26,7 @@ from .process import PRIVATE_VARIABLES
 
 CONTROL_FDNAME = "cadenza-control"
 HANDOFF_VARIABLES = ("CADENZA_HANDOFF_FD", "CADENZA_LOG_FD", "CADENZA_PREDECESSOR_FD", "CADENZA_EXEC_FD",
-                     "CADENZA_GENERATION", "CADENZA_OWNS")
+                     "CADENZA_GENERATION", "CADENZA_OWNS", "CADENZA_PREDECESSOR")
 MAX_LINE = 64 * 1024
 
 
@@ -85,12 +85,13 @@ class Channel:
 # ---- N's end ------------------------------------------------------------------------------------
 
 def successor_environment(*, generation: int, names: list[str], owns: list[str],
-                          notify_address: str | None, watchdog_usec: int) -> dict[str, str]:
+                          notify_address: str | None, watchdog_usec: int, predecessor: int = 0) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES + HANDOFF_VARIABLES}
     n = len(names)
     env.update({
         "LISTEN_FDS": str(n), "LISTEN_FDNAMES": ":".join(names),
         "CADENZA_GENERATION": str(generation), "CADENZA_OWNS": ",".join(owns),
+        "CADENZA_PREDECESSOR": str(predecessor or generation - 1),   # not generation - 1 after a rollback
         "CADENZA_HANDOFF_FD": str(3 + n), "CADENZA_LOG_FD": str(4 + n),
         "CADENZA_PREDECESSOR_FD": str(5 + n), "CADENZA_EXEC_FD": str(6 + n),
     })
@@ -107,8 +108,9 @@ class Inheritance:
     """What this master received from its predecessor; `channel` is None for a first generation."""
 
     def __init__(self, generation: int = 1, owns: frozenset[str] = frozenset(), channel: Channel | None = None,
-                 log_fd: int | None = None, predecessor_fd: int | None = None):
+                 log_fd: int | None = None, predecessor_fd: int | None = None, predecessor: int = 0):
         self.generation = generation
+        self.predecessor = predecessor or generation - 1   # the number of the generation we follow
         self.owns = owns
         self.channel = channel
         self.log_fd = log_fd
@@ -123,13 +125,14 @@ class Inheritance:
             _close(int(values["CADENZA_EXEC_FD"]))   # the launcher we were exec'd from: done with
         owns = frozenset(filter(None, values["CADENZA_OWNS"].split(",")))
         generation = int(values["CADENZA_GENERATION"]) if values["CADENZA_GENERATION"].isdigit() else 1
+        predecessor = int(values["CADENZA_PREDECESSOR"]) if values["CADENZA_PREDECESSOR"].isdigit() else 0
         fds = [values[k] for k in ("CADENZA_HANDOFF_FD", "CADENZA_LOG_FD", "CADENZA_PREDECESSOR_FD")]
         if not all(fd.isdigit() for fd in fds):
             return cls(generation, owns)
         chan_fd, log_fd, pred_fd = (int(fd) for fd in fds)
         for fd in (chan_fd, log_fd, pred_fd):
             os.set_inheritable(fd, False)
-        return cls(generation, owns, Channel(socket.socket(fileno=chan_fd)), log_fd, pred_fd)
+        return cls(generation, owns, Channel(socket.socket(fileno=chan_fd)), log_fd, pred_fd, predecessor)
 
     @property
     def heir(self) -> bool:

@@ -7,8 +7,10 @@
   (`merge`, with prometheus_client's mark_process_dead for its live gauges), so the files stay
   bounded however often workers are recycled, and the application's counters stay whole.
 - A generation's directory goes away with it, folded into its successor's (`fold`): the main
-  master folds its predecessor's once that one has gone, and a master folds the directory of a
-  next generation that failed (its workers may have served a few requests). A fresh start
+  master folds its predecessor's once that one has gone (or has gone warm: no worker of it
+  writes any more, and its counts would otherwise be missing for the whole rollback window),
+  and a master folds the directory of a next generation that failed (its workers may have
+  served a few requests). A warm generation rolled back to makes its directory again. A fresh start
   (generation 1, or no predecessor) removes the directories that no process owns (`prune`).
 
 The work is cadenza/tools/multiproc.py, run as a child with the release's own Python, one at a
@@ -22,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 from .process import describe_status
@@ -65,13 +69,49 @@ class MultiprocDirs:
         self._next()
 
     def fold_from(self, number: int) -> None:
-        """Generation `number` is gone: its figures join ours."""
-        self._run("fold", str(self.base / f"gen-{number}"), str(self.path))
+        """Generation `number` is gone (or warm, with no worker): its figures join ours. Its
+        directory is set aside at once (a rename), so that a next attempt of the same number,
+        whose setup starts gen-N afresh, never meets the fold still to run."""
+        src = self.base / f"gen-{number}"
+        aside = self.base / f"gen-{number}.folding-{time.monotonic_ns()}"
+        try:
+            os.rename(src, aside)
+        except FileNotFoundError:
+            return          # folded already, or never made
+        except OSError as exc:
+            log.warning("metrics.multiprocess: cannot set %s aside: %s; folding it in place", src,
+                        exc.strerror or exc)
+            aside = src
+        self._run("fold", str(aside), str(self.path))
+
+    def remake(self) -> None:
+        """Ours again after it was folded into a successor's (a rollback to a warm generation)."""
+        try:
+            self.path.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            log.error("metrics.multiprocess: cannot create %s: %s", self.path, exc.strerror or exc)
+
+    def busy(self) -> bool:
+        return self.running is not None or bool(self.queue or self.pending)
 
     def remove(self) -> None:
         """Its figures have nowhere to go (the service stops, or it is a stale directory): it goes,
-        now (systemd removes RuntimeDirectory= at the stop too, `cadenza run` has none)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        now (systemd removes RuntimeDirectory= at the stop too, `cadenza run` has none), with a
+        run of the tool still under way (a fold would make it again) and what was set aside."""
+        if self.running is not None:
+            try:
+                os.kill(self.running, signal.SIGKILL)
+                os.waitpid(self.running, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+            self.running = None
+        self.queue.clear()
+        for path in (self.path, *self.base.glob("gen-*.folding-*")):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def discard(self, number: int) -> None:
+        """Generation `number` has gone and we stop: its figures have nowhere to go either."""
+        shutil.rmtree(self.base / f"gen-{number}", ignore_errors=True)
 
     def _run(self, *args: str) -> None:
         self.queue.append(list(args))

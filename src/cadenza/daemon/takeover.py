@@ -86,8 +86,12 @@ class Takeover:
         if self.warm is not None:
             log.info("generation %d (warm) has gone", self.warm.generation)
             self.warm = None
-        if self.multiproc is not None and self.state.main:
-            self.multiproc.fold_from(self.number - 1 if self.predecessor_number is None else self.predecessor_number)
+        if self.multiproc is not None:
+            gone = self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number
+            if self.state.main:
+                self.multiproc.fold_from(gone)
+            elif self.state is State.STOPPING:   # a warm one, told to leave by our stop
+                self.multiproc.discard(gone)
         if self.state is State.TAKING_OVER:
             log.info("the previous generation has gone: generation %d serves alone", self.number)
             self.state = State.SERVING

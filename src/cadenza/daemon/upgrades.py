@@ -76,7 +76,8 @@ class Upgrades:
         owns = [name for name, mine in (("listeners", self.bound_here), ("control", self.control_owned),
                                         ("fdstore", self.fd_store)) if mine]
         return successor_environment(generation=nxt, names=[name for _, name in self._handed_fds()], owns=owns,
-                                     notify_address=self.systemd.address, watchdog_usec=self.watchdog_usec)
+                                     notify_address=self.systemd.address, watchdog_usec=self.watchdog_usec,
+                                     predecessor=self.number)
 
     def on_join_upgrade(self, source: str = "", watcher: Callable | None = None, **_) -> None:
         if self.rolling_back:     # a deploy must not hear that a rollback was its upgrade

@@ -91,7 +91,9 @@ class Warm:
         # that fails) must leave them (boot._cleanup).
         self.left_warm = True
         self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED))
-        self.inherited.say(f"warm {window:g} {self.release}")
+        # N+1 folds our multiprocess directory once told: our last workers' merges go first.
+        self.wait_until(lambda: self.multiproc is None or not self.multiproc.busy() or self.state is not State.WARM,
+                        lambda: self.state is State.WARM and self.inherited.say(f"warm {window:g} {self.release}"))
         log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
                  self.number, window, succession.generation)
 
@@ -123,6 +125,8 @@ class Warm:
         log.info("rollback: generation %d starts its workers again", self.number)
         self.state = State.STARTING
         pool = self.pool
+        if self.multiproc is not None:    # folded into N+1's while we were warm
+            self.multiproc.remake()
         pool.draining = pool.starter_kept = False
         pool._cancel_kill()
         for slot in pool.slots.values():      # a drained slot still names its last worker
@@ -141,9 +145,11 @@ class Warm:
         except ValueError:
             log.error("internal error: unreadable warm notice %r", text[:200])
             return
-        self.warm = WarmPredecessor(self.number - 1 if self.predecessor_number is None else self.predecessor_number,
+        self.warm = WarmPredecessor(self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number,
                                     release, time.monotonic() + window)
         self.state = State.SERVING
+        if self.multiproc is not None:    # no worker of it writes any more: its counts are ours from now
+            self.multiproc.fold_from(self.warm.generation)
         log.info("generation %d is warm for a rollback for %gs; generation %d serves alone", self.warm.generation,
                  window, self.number)
         deferred, self.deferred = self.deferred, []
