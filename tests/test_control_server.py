@@ -111,6 +111,8 @@ class Harness:
     def _command(self, client, cmd: str, request: dict) -> None:
         if cmd == "status":
             client.finish(OK, status={"app": "test"})
+        elif cmd == "metrics":     # as long as the text of some 1,500 workers' series
+            client.finish(OK, metrics="cadenza_http_requests_total 1\n" * 100_000)
         else:
             self.started.put(client)
 
@@ -416,3 +418,13 @@ def test_supervisorctl_turns_every_connection_error_into_one_line(tmp_path, caps
     err = capsys.readouterr().err
     assert got == code and why in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(path) in err or code == 4
+
+
+def test_a_final_answer_over_the_pending_limit_is_sent_whole(serve, capfd):
+    """The streamed lines of a client that reads nothing are bounded (MAX_PENDING); one final answer
+    longer than that (`supervisorctl metrics` of many workers) is not a reason to drop the client."""
+    h = serve()
+    assert ctl_tool.main(["-s", str(h.path), "metrics"]) == 0
+    out = capfd.readouterr().out
+    assert len(out) > S.MAX_PENDING and out.count("cadenza_http_requests_total 1\n") == 100_000
+    assert not any("reads nothing" in line for line in h.log.lines), h.log.lines

@@ -131,11 +131,15 @@ class Client:
             self.request = {}
             self.finish(USAGE, f"no request within {REQUEST_TIMEOUT:g}s")
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict, final: bool = False) -> None:
+        """Queue a line. Streamed lines beyond MAX_PENDING unread bytes drop the client; the final
+        answer is queued whatever its size (`supervisorctl metrics` of many workers is over 1 MiB),
+        once: STALL_TIMEOUT still bounds a client that never reads it."""
         if self.closed or self.closing:
             return
+        before = len(self.outbuf)
         self.outbuf += encode(message)
-        if len(self.outbuf) > MAX_PENDING:
+        if (before if final else len(self.outbuf)) > MAX_PENDING:
             log.warning("control client %s reads nothing (%d bytes wait for it); dropped",
                         self.describe(), len(self.outbuf))
             self.close()
@@ -143,7 +147,7 @@ class Client:
         self.flush()
 
     def finish(self, code: int, text: str = "", **extra) -> None:
-        self.send(done(code, text, **extra))
+        self.send(done(code, text, **extra), final=True)
         self.closing = True
         self.flush()
 
