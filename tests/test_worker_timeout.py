@@ -262,3 +262,41 @@ def test_a_draining_worker_ends_its_drain_as_soon_as_its_last_connection_ends(st
         assert w.wait_exit(10) == 0
         w.close()
     assert statistics.median(took) < 0.060, [f"{t * 1000:.0f} ms" for t in took]
+
+
+UPLOAD_APPS = '''
+async def asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/upload":
+        while (message := await receive())["type"] != "http.disconnect" and message.get("more_body"):
+            pass
+        if message["type"] == "http.disconnect":
+            return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+def wsgi(environ, start_response):
+    if environ["PATH_INFO"] == "/upload":
+        environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("app", ["uploads:wsgi", "uploads:asgi"])
+def test_a_client_that_leaves_inside_its_request_body_is_no_5xx_and_holds_nothing(start, tmp_path, app, engine):
+    """EOF in the middle of a body: the rest never comes. The application hears http.disconnect
+    (it would wait for ever on a half-closed connection), and nothing counts as a 5xx."""
+    (tmp_path / "uploads.py").write_text(UPLOAD_APPS)
+    w = start(app, engine)
+    with socket.create_connection(("127.0.0.1", w.port), timeout=15) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789")
+    assert get(w, "/").status == 200
+    w.wait_notified("CADENZA_REQUESTS=1")
+    stop(w)
+    # The upload whose client left is no 5xx: the ASGI app answered nothing (and it counts as
+    # nothing), the WSGI one read what came and answered 200 to nobody.
+    classes = [int(n) for n in w.values("CADENZA_RESPONSES")[-1].split(",")]
+    assert classes == ([0, 2, 0, 0, 0] if app.endswith("wsgi") else [0, 1, 0, 0, 0]), (classes, w.log())

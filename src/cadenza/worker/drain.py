@@ -158,13 +158,15 @@ class Draining:
         if self.lingering:
             return None            # the EOF a lingering close waits for: close now
         self.peer_eof = True
-        if self.response_in_flight():
+        cycle = self.cycle
+        if self.response_in_flight() and not (cycle is not None and cycle.more_body):
             # Half-closed after its request: answer it, then close (on_response_complete).
-            cycle = self.cycle
             if cycle is not None:
                 cycle.keep_alive = False
             return True
-        return None                # nothing owed: asyncio closes the transport
+        # Nothing owed, or EOF inside a request's body, whose rest can never come: asyncio closes
+        # the transport, and the application waiting for the body hears http.disconnect.
+        return None
 
     def connection_lost(self, exc) -> None:
         # The client's EOF (asyncio closes when eof_received returns None), LINGER, or an error.

@@ -11,7 +11,8 @@ sent at once. The worker serves on after its limit; the master retires it, make-
 
 `wrap(app)` is the ASGI middleware that sees each response's status and the time the application
 took to answer it (from its call to its return), outermost but for uvicorn's own: a 504 of
-timeouts.py, and an application that fails before it responds (uvicorn's 500), count as 5xx.
+timeouts.py, and an application that fails before it responds (uvicorn's 500), count as 5xx; a
+request whose client left (http.disconnect) before any response began counts in neither.
 They go in the same report as the count.
 
 The state also carries the drain's wake-up: `drained`, called by a draining connection when it was
@@ -83,19 +84,29 @@ class RequestCount(ServerState):
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             status = 0
+            gone = False
 
             async def sending(message):
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
                 await send(message)
+
+            async def receiving():
+                nonlocal gone
+                message = await receive()
+                gone = gone or message["type"] == "http.disconnect"
+                return message
             started = clock()
             try:
-                await app(scope, receive, sending)
+                await app(scope, receiving, sending)
             finally:
-                took = clock() - started
-                responses[status_class(status)] += 1
-                buckets[bisect_left(LATENCY_BUCKETS, took)] += 1
-                figures.seconds += took
-                self._recorded += 1
+                # A client that left before any response began got none: no status to count
+                # (counted as 5xx it would fail a canary on its clients' impatience).
+                if status or not gone:
+                    took = clock() - started
+                    responses[status_class(status)] += 1
+                    buckets[bisect_left(LATENCY_BUCKETS, took)] += 1
+                    figures.seconds += took
+                    self._recorded += 1
         return counted
