@@ -336,3 +336,41 @@ def test_prune_keeps_only_the_named_generations(tmp_path):
     assert (r.returncode, r.stderr) == (0, "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen-2", "gen-9", "other"]
     assert tool("prune", tmp_path / "missing", "gen-1").returncode == 0
+
+
+def test_a_run_stuck_on_a_lock_is_killed_at_its_deadline_and_the_next_one_runs(tmp_path, caplog):
+    """The master's side (daemon/multiproc.py) on a real loop: a merge waiting for a lock that
+    somebody holds for ever would block every later run; at the deadline it is killed."""
+    import fcntl
+    import logging
+    from cadenza.daemon.loop import Loop
+    from cadenza.daemon.multiproc import MultiprocDirs
+    loop = Loop()
+    dirs = MultiprocDirs(loop, tmp_path, 1)
+    dirs.path.mkdir()
+    dirs.deadline = 1.0
+    holder = os.open(dirs.path / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)          # held, as by a process that never lets go
+    dirs.dead(12345)                            # a merge: it waits for the lock
+    stuck = dirs.running
+    assert stuck is not None
+    dirs.dead(12346)                            # waits for the stuck one, one run at a time
+    assert dirs.running == stuck and dirs.pending == [12346]
+    reaped = []
+
+    def check():   # the master reaps on SIGCHLD; this test, which installs no handlers, polls
+        loop.reap()
+        if dirs.running != stuck:
+            reaped.append(dirs.running)
+            loop.stopped = True
+        else:
+            loop.after(0.05, check)
+    loop.after(0.05, check)
+    loop.after(15, lambda: setattr(loop, "stopped", True))
+    with caplog.at_level(logging.ERROR):
+        loop.run()
+    assert reaped and reaped[0] not in (None, stuck), f"the stuck run was not ended, or none came next: {reaped}"
+    assert any("still running after 1s" in m and "killing it" in m for m in caplog.messages), caplog.messages
+    os.close(holder)                            # the lock is free: the next run finishes
+    os.waitpid(reaped[0], 0)
+    loop.close()

@@ -37,12 +37,15 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class MultiprocDirs:
+    deadline = 60.0   # seconds a run may take (one waiting for a lock nobody releases): then it is killed
+
     def __init__(self, loop, base: Path, number: int):
         self.loop, self.base, self.number = loop, base, number
         self.path = base / f"gen-{number}"
         self.queue: list[list[str]] = []
         self.pending: list[int] = []     # dead workers not merged yet
         self.running: int | None = None
+        self._overdue = None
 
     @classmethod
     def setup(cls, gen) -> MultiprocDirs | None:
@@ -98,6 +101,8 @@ class MultiprocDirs:
         """Its figures have nowhere to go (the service stops, or it is a stale directory): it goes,
         now (systemd removes RuntimeDirectory= at the stop too, `cadenza run` has none), with a
         run of the tool still under way (a fold would make it again) and what was set aside."""
+        if self._overdue is not None:
+            self._overdue.cancel()
         if self.running is not None:
             try:
                 os.kill(self.running, signal.SIGKILL)
@@ -135,8 +140,19 @@ class MultiprocDirs:
             return
         self.running = pid
         self.loop.watch_child(pid, lambda status, a=args: self._done(a, status))
+        self._overdue = self.loop.after(self.deadline, lambda a=args: self._kill(pid, a))
+
+    def _kill(self, pid: int, args: list[str]) -> None:
+        if self.running == pid:
+            log.error("metrics.multiprocess: %s %s still running after %gs (a lock on %s/.lock that is "
+                      "never released?); killing it, the next run goes on", " ".join(args[:1]), args[1],
+                      self.deadline, args[1])
+            os.kill(pid, signal.SIGKILL)
 
     def _done(self, args: list[str], status: int) -> None:
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self.running = None
         if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
             log.error("metrics.multiprocess: %s %s %s", " ".join(args[:2]), describe_status(status),
