@@ -226,8 +226,13 @@ def test_a_mainpid_that_cannot_be_sent_while_the_canary_grows_fails_the_upgrade_
     thread, result = upgrade_async(site, "--canary", "1")
     wait(lambda: (s := status(site)).get("canary") and s["canary"]["state"] == "promoting its canary",
          timeout=30, what="the canary promoted and growing")
+    load = Load(site.port)
     os.unlink(m.notify_path)     # the notify socket refuses MAINPID= from now on (ENOENT)
     thread.join(timeout=60)
+    load.stop()
+    # Generation 1's workers came back before generation 2 was told to stop: nothing was lost.
+    assert "grows back to 4 worker(s), then generation 2 stops" in m.log(), m.log()[-3000:]
+    assert load.errors == [], load.errors[:3]
     assert not thread.is_alive(), "the upgrade was never answered"
     proc = result["proc"]
     assert proc.returncode == 1 and "could not send MAINPID=" in proc.stderr, proc.stdout + proc.stderr
@@ -266,6 +271,28 @@ def test_a_stop_during_a_canary_starts_none_of_the_old_generation_s_workers_agai
     assert result["proc"].returncode == 1
     after = m.log()[mark:]
     assert not re.search(r"worker \d+ started", after), after
+
+
+def test_each_new_worker_of_a_promoted_canary_has_upgrade_timeout_of_its_own(site):
+    """The growth is one worker at a time: 3 new workers of about 1.2 s each take longer than
+    upgrade.timeout = 3, which bounds each of them, not their sum."""
+    r1 = site.make("r1", upgrade="canary_duration = 1\n")
+    config = r1 / "cadenza.toml"
+    config.write_text(config.read_text().replace("\ntimeout = 10\n", "\ntimeout = 3\n", 1))
+    site.serve("r1")
+    load = Load(site.port)
+    rel = site.make("r2", upgrade="canary_duration = 1\n")
+    with open(rel / "canaryapp.py", "a") as app:
+        app.write("\nimport time\ntime.sleep(1.2)\n")
+    site.switch("r2")
+    began = time.monotonic()
+    proc = site.ctl("upgrade", "--canary", "1", timeout=120)
+    took = time.monotonic() - began
+    load.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "generation 2 has 4 of 4 worker(s) ready" in proc.stdout, proc.stdout
+    assert took > 1 + 4 * 1.2, took      # the canary's own start, its judgement, then 3 one by one
+    assert load.errors == [] and [a for a in load.answers if a[1] != 200] == [], load.errors[:3]
 
 
 def test_a_stop_during_the_canary_drains_both_generations(site):

@@ -140,6 +140,7 @@ def test_a_warm_generation_takes_no_request_and_leaves_on_a_stop_a_crash_or_its_
     assert decide(State.WARM, Event.STOP_NOW) == "stop_now"
     assert decide(State.WARM, Event.ROLLBACK_NOTICE) == "roll_back"
     assert isinstance(decide(State.WARM, Event.RESPAWN), Ignore)
+    assert decide(State.WARM, Event.PRELOADER_GONE) == "restart_warm_preloader"   # its metrics directory first
     # The main generation's side: a rollback only from SERVING (its predecessor drained, then warm).
     assert {s for s in State if decide(s, Event.ROLLBACK) == "start_rollback"} == {State.SERVING}
     assert decide(State.TAKING_OVER, Event.WARM_NOTICE) == "predecessor_warm"

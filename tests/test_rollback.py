@@ -283,10 +283,10 @@ def test_a_rollback_to_a_warm_generation_already_told_to_leave_is_refused(warm_s
 
 # ---- PROMETHEUS_MULTIPROC_DIR across the window ------------------------------------------------
 
-def counting(site, tag: str):
+def counting(site, tag: str, preload: bool = False):
     """A release of test_metrics' COUNTING_APP (its own prometheus_client counter, multiprocess)."""
     from test_metrics import COUNTING_APP
-    rel = make(site, tag)
+    rel = make(site, tag, preload=preload)
     (rel / "canaryapp.py").write_text(COUNTING_APP)
     config = rel / "cadenza.toml"
     config.write_text(config.read_text() + "[metrics]\nmultiprocess = true\n")
@@ -310,6 +310,9 @@ def test_the_application_s_counter_holds_through_the_window_a_rollback_and_a_sto
     counting(site, "r2")
     site.switch("r2")
     assert site.ctl("upgrade").returncode == 0
+    # The reload returns once generation 2 knows 1 is warm (its last merges done first): a
+    # rollback may follow at once.
+    assert status(site)["warm"]["generation"] == 1
     # Warm generation 1 writes nothing any more: its counts are generation 2's from now on.
     wait(lambda: sorted(os.listdir(base)) == ["gen-2"], what="gen-1 folded into gen-2 while 1 is warm")
     assert min(app_hits(site) for _ in range(5)) == 10
@@ -335,3 +338,25 @@ def test_the_application_s_counter_holds_through_the_window_a_rollback_and_a_sto
         wait(lambda: os.listdir(base) == [], timeout=10, what=f"nothing left in {base}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {os.listdir(base)}\n{m.log()[-5000:]}") from None
+
+
+def test_a_warm_preloader_that_dies_is_started_again_with_its_metrics_directory(warm_site):
+    """The warm generation's directory was folded into the main one's; a new preloader (which
+    creates the application's multiprocess metrics at import) gets it made again."""
+    from test_metrics import http_get
+    site = warm_site
+    counting(site, "r1", preload=True)
+    m = site.serve("r1")
+    for _ in range(4):
+        http_get(site.port, "/")
+    counting(site, "r2", preload=True)
+    site.switch("r2")
+    assert site.ctl("upgrade").returncode == 0
+    first = [p for p in children(m.pid) if "preloader" in cmdline(p)][0]
+    os.kill(first, signal.SIGKILL)
+    again = wait(lambda: [p for p in children(m.pid) if "preloader" in cmdline(p) and p != first],
+                 timeout=20, what="a new preloader for the warm generation")[0]
+    wait(lambda: "preloader (pid %d) ready" % again in m.log(), timeout=20, what="the new preloader ready")
+    assert site.ctl("rollback").returncode == 0
+    http_get(site.port, "/")
+    wait(lambda: app_hits(site) == 5, timeout=20, what="all 5 requests counted after the rollback")

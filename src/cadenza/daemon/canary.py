@@ -53,6 +53,7 @@ class CanaryRun:
     judged: bool = False
     reason: str = ""
     restore: Timer | None = None
+    committing: bool = False    # promoted and all ready: MAINPID= goes out
 
 
 def figures_of(gen) -> dict:
@@ -93,6 +94,7 @@ def judge(old: dict, new: dict, max_rate: float, old_gen: int, new_gen: int) -> 
 
 class Canary:
     canary_run: CanaryRun | None = None
+    restore_count = 0           # N's count before a promoted canary, until the hand-over is done
     canary_workers = 0          # N+1's side: started as a canary of this many workers
     canary_growing = False
 
@@ -121,7 +123,7 @@ class Canary:
 
     def on_standby_workers_ready(self, **_) -> None:
         if self.canary_growing and self.pool.all_ready():
-            self.inherited.say(f"grown {len(self.pool.slots)}")
+            self.inherited.say(f"grown {len(self.pool.slots)} {self.config.workers.count}")
             self._grow_one()
 
     def _grow_one(self) -> None:
@@ -175,6 +177,7 @@ class Canary:
             log.info("canary passed: %s", text)
             succession.emit("progress", f"canary passed: {text}; generation {run.generation} grows to its count")
             self.state = State.PROMOTING
+            succession.defer_failure = self._fail_after_growing_back
             succession.promote()
             return
         run.reason = f"canary failed: {text}"
@@ -198,21 +201,40 @@ class Canary:
                 run.restore.cancel()
             self.succession.fail(run.reason)
 
-    def on_canary_grew(self, workers: int = 0, **_) -> None:
-        """N+1 has `workers` ready of its count: one of ours stops (make-before-break)."""
+    def on_canary_grew(self, workers: int = 0, count: int = 0, **_) -> None:
+        """N+1 has `workers` ready of its `count`: one of ours stops (make-before-break)."""
         run = self.canary_run
         keep = max(run.count - workers, 1)
         while len(self.pool.slots) > keep and self.pool.remove_slot():
             pass
-        self.succession.emit("progress", f"generation {run.generation} has {workers} of {run.count} worker(s) "
-                                         f"ready; generation {self.number} keeps {len(self.pool.slots)}")
+        self.succession.emit("progress", f"generation {run.generation} has {workers} of {count or run.count} "
+                                         f"worker(s) ready; generation {self.number} keeps {len(self.pool.slots)}")
+
+    def _fail_after_growing_back(self, reason: str) -> bool:
+        """A promoted canary fails while it grows (upgrade.timeout, its own "failed", MAINPID=
+        refused): N starts its workers again first, and N+1 is told to stop only once they are
+        ready (bounded by workers.ready_timeout), as after a gate that failed."""
+        run = self.canary_run
+        succession = self.succession
+        if run is None or self.state is not State.PROMOTING or not (succession.alive() and succession.has_channel()):
+            return False
+        run.reason = f"the upgrade failed while its canary grew: {reason}"
+        run.committing = False
+        log.error("%s; generation %d grows back to %d worker(s), then generation %d stops", run.reason,
+                  self.number, run.count, run.generation)
+        self.state = State.ROLLING_BACK
+        self._grow_back(run)
+        run.restore = self.loop.after(self.config.workers.ready_timeout, self._stop_canary)
+        self.loop.after(0, self.on_canary_restored)    # once the caller's turn is over
+        return True
 
     def on_promoted_ready(self, **_) -> None:
-        run = self._end_canary()
+        run = self.canary_run
+        self.restore_count = run.count      # N+1 lost before "main": we serve on at our count (_reclaim)
+        run.committing = True
         self.on_commit()
-        if self.state is State.PROMOTING:   # MAINPID= could not be sent: N+1 is being stopped
-            self.canary_run = run
-            self._grow_back(run)
+        if self.state is not State.PROMOTING and self.state is not State.ROLLING_BACK:
+            self._end_canary()
 
     def on_canary_gone(self, **_) -> None:
         """N+1 exited: it was stopped by the gate, or crashed (or was killed) while a canary."""
@@ -248,4 +270,4 @@ class Canary:
 
     def extra_metrics(self) -> list:
         run = self.canary_run
-        return [("cadenza_canary_workers", [({}, run.workers if run is not None else 0)])]
+        return [("cadenza_canary_workers", [({}, run.workers if run is not None and not run.committing else 0)])]

@@ -355,6 +355,10 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
         if self.state is State.LEAVING and self.pool.starter_kept:
             self.pool.drain()   # a preloader kept for a warm window that will not be goes too, then DRAINED
             return
+        if self.state is State.LEAVING and self.multiproc is not None and self.multiproc.running is not None:
+            # Our last merge runs on gen-N, which the successor folds (renames) once we are gone.
+            self.wait_until(lambda: self.multiproc.running is None, self._maybe_exit)
+            return
         if self.state is State.STOPPING:
             if self.succession is not None and self.succession.stage is not Stage.DONE and self.succession.alive():
                 return   # a next generation that was told to stop is still draining

@@ -34,6 +34,7 @@ from .process import describe_status
 log = logging.getLogger("cadenza.master")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+RETRY = 1.0   # seconds before a run that could not be started is tried again
 
 
 class MultiprocDirs:
@@ -46,6 +47,8 @@ class MultiprocDirs:
         self.pending: list[int] = []     # dead workers not merged yet
         self.running: int | None = None
         self._overdue = None
+        self._retry = None
+        self.aside: list[Path] = []      # directories we set aside to fold (remove() takes only ours)
 
     @classmethod
     def setup(cls, gen) -> MultiprocDirs | None:
@@ -85,6 +88,8 @@ class MultiprocDirs:
             log.warning("metrics.multiprocess: cannot set %s aside: %s; folding it in place", src,
                         exc.strerror or exc)
             aside = src
+        else:
+            self.aside.append(aside)
         self._run("fold", str(aside), str(self.path))
 
     def remake(self) -> None:
@@ -101,8 +106,9 @@ class MultiprocDirs:
         """Its figures have nowhere to go (the service stops, or it is a stale directory): it goes,
         now (systemd removes RuntimeDirectory= at the stop too, `cadenza run` has none), with a
         run of the tool still under way (a fold would make it again) and what was set aside."""
-        if self._overdue is not None:
-            self._overdue.cancel()
+        for timer in (self._overdue, self._retry):
+            if timer is not None:
+                timer.cancel()
         if self.running is not None:
             try:
                 os.kill(self.running, signal.SIGKILL)
@@ -111,7 +117,7 @@ class MultiprocDirs:
                 pass
             self.running = None
         self.queue.clear()
-        for path in (self.path, *self.base.glob("gen-*.folding-*")):
+        for path in (self.path, *self.aside):
             shutil.rmtree(path, ignore_errors=True)
 
     def discard(self, number: int) -> None:
@@ -123,7 +129,7 @@ class MultiprocDirs:
         self._next()
 
     def _next(self) -> None:
-        if self.running is not None:
+        if self.running is not None or self._retry is not None:
             return
         if self.queue:
             args = self.queue.pop(0)
@@ -134,13 +140,19 @@ class MultiprocDirs:
         argv = [sys.executable, "-m", "cadenza.tools.multiproc", *args]
         try:
             pid = os.posix_spawn(sys.executable, argv, {k: v for k, v in os.environ.items() if k != ENV})
-        except OSError as exc:
-            log.error("metrics.multiprocess: cannot run %s: %s; retried with the next worker's exit",
-                      " ".join(argv[1:4]), exc.strerror or exc)
+        except OSError as exc:   # EAGAIN under TasksMax=, ENOMEM: the run is kept, and tried again
+            log.error("metrics.multiprocess: cannot run %s: %s; trying again in %gs",
+                      " ".join(argv[1:4]), exc.strerror or exc, RETRY)
+            self.queue.insert(0, args)
+            self._retry = self.loop.after(RETRY, self._retried)
             return
         self.running = pid
         self.loop.watch_child(pid, lambda status, a=args: self._done(a, status))
         self._overdue = self.loop.after(self.deadline, lambda a=args: self._kill(pid, a))
+
+    def _retried(self) -> None:
+        self._retry = None
+        self._next()
 
     def _kill(self, pid: int, args: list[str]) -> None:
         if self.running == pid:

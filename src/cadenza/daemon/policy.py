@@ -208,7 +208,7 @@ TABLE: dict[Event, dict[State, Cell]] = {
     # The workers keep serving without it; only starting new ones needs it. Exit 3 before any
     # worker was ready is an application that cannot be imported: the start (or upgrade) fails.
     Event.PRELOADER_GONE: _row(
-        "restart_preloader", STARTING="preloader_lost_at_start",
+        "restart_preloader", STARTING="preloader_lost_at_start", WARM="restart_warm_preloader",
         COMMITTED=Ignore("committed: nothing is started"), LEAVING=Ignore("leaving: nothing is started"),
         STOPPING=Ignore("stopping: nothing is started")),
     Event.DRAINED: _row(

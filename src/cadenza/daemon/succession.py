@@ -80,6 +80,8 @@ class Succession:
         self.watchers: list[Callable[[dict], None]] = []
         self.started = time.monotonic()
         self.canary = 0                  # K: N+1 starts as a canary of K workers (canary.py)
+        # True: the generation takes the failure over, and calls fail() again later (canary.py)
+        self.defer_failure: Callable[[str], bool] = lambda reason: False
         self.said_ready = False          # a canary stays BOOTING after its first "ready"
         self._chan: handoff.Channel | None = None
         self._out_r: int | None = None
@@ -194,8 +196,12 @@ class Succession:
                 self.fail(text[:2000])
             elif verb == "figures" and self.stage is Stage.BOOTING:
                 self.report("figures", figures=parse_figures(text))
-            elif verb == "grown" and self.stage is Stage.BOOTING and text.isdigit():
-                self.report("grown", workers=int(text))
+            elif verb == "grown" and self.stage is Stage.BOOTING and text.split(" ")[0].isdigit():
+                # Each new worker of a promoted canary has upgrade.timeout of its own (one at a time).
+                self.hold()
+                self._timers.append(self.loop.after(self.timeout, self._on_timeout))
+                grown, _, count = text.partition(" ")
+                self.report("grown", workers=int(grown), count=int(count) if count.isdigit() else 0)
         if gone:
             self._close_channel()
             if self.stage is Stage.BOOTING:
@@ -245,7 +251,7 @@ class Succession:
 
     def fail(self, reason: str) -> None:
         """Stop N+1 gracefully; the upgrade is over once it is gone (report "gone")."""
-        if self.stage is not Stage.BOOTING:
+        if self.stage is not Stage.BOOTING or self.defer_failure(reason):
             return
         self.stage = Stage.FAILING
         self.reason = reason

@@ -104,13 +104,14 @@ class Upgrades:
             if watcher:
                 watcher({"event": "refused", "text": f"upgrade refused: {why}", "generation": self.number + 1})
 
-    def _successor_report(self, what: str, reason: str = "", figures: dict | None = None, workers: int = 0) -> None:
+    def _successor_report(self, what: str, reason: str = "", figures: dict | None = None, workers: int = 0,
+                          count: int = 0) -> None:
         event = {"ready": Event.SUCCESSOR_READY, "failed": Event.SUCCESSOR_FAILED, "gone": Event.SUCCESSOR_GONE,
                  "figures": Event.CANARY_FIGURES, "grown": Event.CANARY_GREW}[what]
         if what == "figures":
             self.handle(event, figures=figures)
         elif what == "grown":
-            self.handle(event, workers=workers)
+            self.handle(event, workers=workers, count=count)
         else:
             self.handle(event, reason=reason) if reason else self.handle(event)
 
@@ -207,6 +208,9 @@ class Upgrades:
         self.state = State.SERVING
         for slot in self.pool.slots.values():   # deaths while committed were not respawned
             self.pool.respawn(slot)
+        while len(self.pool.slots) < self.restore_count:   # a promoted canary had taken all but one
+            self.pool.add_slot()
+        self.restore_count = 0
         self._upgrade_over(succession, reason)
         if self.pending_stop:
             self.pending_stop = False
@@ -217,6 +221,7 @@ class Upgrades:
         `systemctl reload` finds the unit active again) the waiting clients hear why."""
         self.last_upgrade = succession.outcome(False, reason)
         self.count_upgrade(outcome, succession)
+        self.restore_count = 0
         self.rolling_back = False
         status = f"upgrade to generation {succession.generation} failed: {reason.splitlines()[0]}"
         if self.state is not State.STOPPING:

@@ -36,6 +36,8 @@ from .succession import Succession
 
 log = logging.getLogger("cadenza.master")
 
+WARM_NOTICE_WAIT = 10.0   # seconds the "warm" notice waits for the multiprocess merges of our last workers
+
 
 @dataclass
 class WarmPredecessor:
@@ -53,6 +55,7 @@ class Warm:
     predecessor_number: int | None = None    # whose figures fold into ours when it is gone
     left_warm = False                        # N's side: warm, or leaving from warm: never the last
     stop_passed = False                      # N's side: a stop was passed on to N+1 (pass_stop_on)
+    said_warm = False                        # N's side: N+1 was told we are warm (it may roll back)
 
     # ---- N's side: going warm, and back ---------------------------------------------------
 
@@ -91,9 +94,16 @@ class Warm:
         # that fails) must leave them (boot._cleanup).
         self.left_warm = True
         self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED))
-        # N+1 folds our multiprocess directory once told: our last workers' merges go first.
+        # N+1 folds our multiprocess directory once told: our last workers' merges go first
+        # (for WARM_NOTICE_WAIT at most: a tool that cannot even be started must not hide us).
         self.wait_until(lambda: self.multiproc is None or not self.multiproc.busy() or self.state is not State.WARM,
-                        lambda: self.state is State.WARM and self.inherited.say(f"warm {window:g} {self.release}"))
+                        lambda: self._say_warm(window))
+        self.loop.after(WARM_NOTICE_WAIT, lambda: self._say_warm(window))
+
+    def _say_warm(self, window: float) -> None:
+        if self.state is State.WARM and not self.said_warm:
+            self.said_warm = True
+            self.inherited.say(f"warm {window:g} {self.release}")
         log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
                  self.number, window, succession.generation)
 
@@ -125,6 +135,7 @@ class Warm:
         log.info("rollback: generation %d starts its workers again", self.number)
         self.state = State.STARTING
         pool = self.pool
+        self.said_warm = False
         if self.multiproc is not None:    # folded into N+1's while we were warm
             self.multiproc.remake()
         pool.draining = pool.starter_kept = False
@@ -136,6 +147,12 @@ class Warm:
             pool.add_slot()
         self._start_timer = self.loop.after(self.config.workers.ready_timeout, self._start_deadline)
 
+    def on_restart_warm_preloader(self, **kw) -> None:
+        """Its PROMETHEUS_MULTIPROC_DIR was folded into N+1's: a new preloader needs it again."""
+        if self.multiproc is not None:
+            self.multiproc.remake()
+        self.on_restart_preloader(**kw)
+
     # ---- N+1's side -----------------------------------------------------------------------
 
     def on_predecessor_warm(self, text: str = "", **_) -> None:
@@ -145,8 +162,8 @@ class Warm:
         except ValueError:
             log.error("internal error: unreadable warm notice %r", text[:200])
             return
-        self.warm = WarmPredecessor(self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number,
-                                    release, time.monotonic() + window)
+        number = self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number
+        self.warm = WarmPredecessor(number, release, time.monotonic() + window)
         self.state = State.SERVING
         if self.multiproc is not None:    # no worker of it writes any more: its counts are ours from now
             self.multiproc.fold_from(self.warm.generation)
