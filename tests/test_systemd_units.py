@@ -224,3 +224,16 @@ def test_a_user_not_allowed_gets_exit_4(systemd, root):
     assert proc.returncode == 4 and "permission denied: uid 65534 may not use this control socket" in proc.stderr, proc.stderr
     assert "denied to uid 65534" in ns.journal("-o", "cat")
     assert ns.show(f"{APP}.service", "ActiveState")["ActiveState"] == "active"
+
+
+def test_a_canary_s_judgement_and_growth_fit_in_the_rendered_reload_timeout(tmp_path):
+    from cadenza.tools.unitfiles import timeouts
+    rel = tmp_path / "releases" / "r1"
+    rel.mkdir(parents=True)
+    (tmp_path / "current").symlink_to("releases/r1")
+    (rel / "cadenza.toml").write_text(
+        '[app]\nname = "shop"\n[workers]\ncount = 4\nready_timeout = 10\ngraceful_timeout = 5\n'
+        '[upgrade]\ntimeout = 20\ncanary = 1\ncanary_duration = 60\n')
+    start, stop = timeouts(tmp_path)
+    # the canary's start (20) + its judgement (60) + 3 workers one by one (3 x 20) + the drain (5) + 30
+    assert (start, stop) == (20 + 60 + 3 * 20 + 5 + 30, 35), (start, stop)

@@ -60,8 +60,10 @@ def timeouts(root: Path) -> tuple[int, int]:
             cfg = C.load(cfg_path)
         except C.ConfigError as exc:
             raise UnitError(f"cannot derive the timeouts from {cfg_path}:\n{exc}") from None
-    graceful = cfg.workers.graceful_timeout
-    start = max(cfg.upgrade.timeout, cfg.workers.ready_timeout) + graceful + MARGIN
+    graceful, upgrade = cfg.workers.graceful_timeout, cfg.upgrade
+    start = max(upgrade.timeout, cfg.workers.ready_timeout) + graceful + MARGIN
+    if upgrade.canary:   # judged after canary_duration, then grown one worker at a time, each in upgrade.timeout
+        start += upgrade.canary_duration + max(cfg.workers.count - upgrade.canary, 0) * upgrade.timeout
     return math.ceil(start), math.ceil(graceful + MARGIN)
 
 
