@@ -170,7 +170,7 @@ def cmd_check(args, command: list[str]) -> int:
 def _check_import(app: str, release: str) -> list[str]:
     # Imported in a child process: checking must not run the application's code in this one.
     import subprocess   # here: `cadenza run` never needs it, and a master's start is on every reload's path
-    code = "import sys; from cadenza.worker.app import load_app; load_app(sys.argv[1])"
+    code = "import sys; from cadenza.worker.loading import load_app; load_app(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, app], cwd=release, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": release})
     if proc.returncode == 0:

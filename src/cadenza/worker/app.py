@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import gc
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -46,6 +44,7 @@ from ..notify import Notifier
 from ..signals import STACK_DUMP
 from .drain import Draining
 from .h11_protocol import DrainingH11Protocol
+from .loading import is_asgi, load_app
 from .report import RequestCount
 from .timeouts import Timeouts
 
@@ -262,20 +261,6 @@ def engine(settings: HttpSection) -> tuple[type, str]:
                 raise StartupFailed(f"[http] loop = \"uvloop\" but uvloop cannot be imported ({exc}); "
                                     f"install it in the release's venv or set loop = \"auto\"") from exc
     return protocol, loop
-
-
-def load_app(spec: str):
-    module_name, _, attr = spec.partition(":")
-    module = importlib.import_module(module_name)
-    obj = module
-    for part in (attr or "application").split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def is_asgi(app) -> bool:
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", None)
-    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
 from . import app as worker_app
+from .loading import load_app
 
 log = logging.getLogger("cadenza.preloader")
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = worker_app.http_settings()
         worker_app.engine(settings)            # the engine's modules are shared too
-        application = worker_app.load_app(argv[0])
+        application = load_app(argv[0])
         # A configuration built and thrown away: what uvicorn imports while it loads one (the
         # protocol modules, websockets) is then imported once, here, for every worker.
         worker_app.uvicorn_config(application, settings)
