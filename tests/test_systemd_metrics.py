@@ -31,7 +31,7 @@ import sdns
 from deploy import APP as RELEASE_APP
 from handover_fixtures import CLIENTS, Hammer, poll
 from procs import VENV_BIN, accepted, free_port
-from test_metrics import COUNTING_APP, families, samples, scrape_text, value
+from test_metrics import COUNTING_APP, app_counter, families, samples, scrape_text, value
 
 CADENZA = str(VENV_BIN / "cadenza")
 SERIAL = itertools.count(1)   # the module's systemd keeps running: each app gets names of its own
@@ -276,8 +276,8 @@ def test_multiprocess_counter_is_whole_after_two_reloads_and_the_stop_leaves_not
         except FileNotFoundError:
             return []
 
-    def app_hits() -> float:
-        return value(samples(get(site.port, "/metrics")), "app_hits_total")
+    def app_hits() -> float | None:
+        return app_counter(site.port)
 
     sent = 0
     for n in (1, 2, 3):
