@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import signal
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pytest
 
 from cadenza.worker.wsgi import SPOOL_MEMORY
 
-from procs import self_signed
+from procs import accepted, self_signed, wait
 from worker_harness import ENGINES, REQUEST, Reply, Worker, clean_eof
 
 APPS = '''\
@@ -407,6 +408,28 @@ def test_tls_on_the_inherited_listener(start, engine, certificate):
     with pytest.raises(ssl.SSLCertVerificationError):
         request(w.port, context=ssl.create_default_context())
     assert "TLS" in w.wait_log("serving WSGI")
+
+
+def test_a_tls_handshake_under_way_when_the_drain_begins_is_finished_and_served(start, engine, certificate):
+    """A connection accepted before the drain whose handshake is not over is in no list of the
+    server's (its protocol hears connection_made only after the handshake): it must not be cut.
+    Here the client starts its handshake only once the worker is shutting down."""
+    cert, key = certificate
+    w = start("httpapps:environ_app", {"certfile": str(cert), "keyfile": str(key)}, engine)
+    w.wait_ready()
+    context = ssl.create_default_context(cafile=str(cert))
+    raw = socket.create_connection(("127.0.0.1", w.port), timeout=15)
+    try:
+        wait(lambda: accepted(w.port, raw.getsockname()[1]), what="the connection accepted")
+        w.proc.send_signal(signal.SIGTERM)
+        w.wait_log("Shutting down")
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(REQUEST)
+            reply = Reply(tls)
+    finally:
+        raw.close()
+    assert reply.kind == "ok" and reply.status == 200, (reply, w.log())
+    assert w.wait_exit() == 0
 
 
 @pytest.mark.parametrize("problem", ["missing", "not a key", "a directory"])

@@ -42,7 +42,7 @@ from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
 from ..signals import STACK_DUMP
-from .drain import Draining
+from .drain import Draining, handshakes, settle
 from .h11_protocol import DrainingH11Protocol
 from .loading import is_asgi, load_app
 from .report import RequestCount
@@ -50,7 +50,6 @@ from .timeouts import Timeouts
 
 log = logging.getLogger("cadenza.worker")
 uvicorn_log = logging.getLogger("uvicorn.error")
-SETTLE_TURNS = 8
 RECHECK = 1.0   # seconds: the drain looks again (a WebSocket's end does not wake it, an HTTP one's does)
 MASTER_PIDFD: int | None = None   # a preloader's fork: the master's pidfd (preloader.py)
 
@@ -176,12 +175,14 @@ class NotifyingServer(uvicorn.Server):
                 loop.remove_reader(sock.fileno())   # uvloop's own servers: not registered here, a no-op
             except (ValueError, OSError):
                 pass
-        await _settle()
+        await settle()
         for server in self.servers:
             server.close()
         for sock in sockets or []:
             sock.close()
-        await _settle()
+        await settle()
+        if self.config.is_ssl:
+            await handshakes()
         for connection in list(self.server_state.connections):
             connection.shutdown()
         try:
@@ -202,7 +203,7 @@ class NotifyingServer(uvicorn.Server):
         while not self.force_exit:
             while state.connections and not self.force_exit:
                 await self._sleep(RECHECK)
-            await _settle()
+            await settle()
             if not state.connections:   # none was still on its way in
                 break
         if state.tasks and not self.force_exit:
@@ -217,16 +218,6 @@ class NotifyingServer(uvicorn.Server):
         if not self.should_exit:
             self.notifier.send(watchdog=1)
             asyncio.get_running_loop().call_later(interval, self._ping, interval)
-
-
-async def _settle() -> None:
-    """A few turns of the loop. A connection accepted just before the listeners closed reaches
-    its protocol's connection_made() only some turns later (asyncio accepts in a task, which then
-    schedules connection_made): until then it is in no list, and a worker that exited would leave
-    it to the kernel, which resets it. uvicorn's fixed 0.1 s sleep covered this; a few turns are
-    microseconds."""
-    for _ in range(SETTLE_TURNS):
-        await asyncio.sleep(0)
 
 
 def http_settings(environ=os.environ) -> HttpSection:

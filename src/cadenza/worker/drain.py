@@ -32,6 +32,8 @@ import fcntl
 import logging
 import struct
 import termios
+import time
+import weakref
 
 log = logging.getLogger("cadenza.worker")
 
@@ -40,6 +42,8 @@ PARTIAL_GRACE = 5.0  # seconds a half-received request gets to complete once dra
 LINGER = 2.0         # seconds a closing connection reads and discards after its FIN, at most
 
 
+SETTLE_TURNS = 8
+HANDSHAKE_WAIT = 2.0   # seconds a drain waits for TLS handshakes under way, at most
 CORK_LIMIT = 64 * 1024  # bytes a connection's writes are gathered into one, at most
 
 
@@ -115,6 +119,14 @@ class Draining:
     # connection_made() runs only after uvicorn told every known connection to shut down; such
     # a late one must drain too, or it keeps serving until the graceful timeout cuts it.
     server_draining = False
+    # Protocols whose connection_made() has not come yet. With TLS that is the whole handshake:
+    # asyncio's (and uvloop's) SSL protocol calls it only once the handshake is done, so a
+    # connection accepted just before the drain is in no list until then (app.py waits for it).
+    arriving: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        Draining.arriving.add(self)
 
     # ---- engine-specific ------------------------------------------------------------------
 
@@ -139,6 +151,7 @@ class Draining:
     # ---- asyncio protocol -----------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        Draining.arriving.discard(self)
         super().connection_made(transport)
         self._closing_transport = ClosingTransport(self, transport)
         if Draining.server_draining:
@@ -269,3 +282,22 @@ class Draining:
     def _log(self, fmt: str, *args) -> None:
         log.log(logging.INFO if self.draining else logging.DEBUG, fmt, *args)
 
+
+async def settle() -> None:
+    """A few turns of the loop. A connection accepted just before the listeners closed reaches
+    its protocol's connection_made() only some turns later (asyncio accepts in a task, which then
+    schedules connection_made): until then it is in no list, and a worker that exited would leave
+    it to the kernel, which resets it. uvicorn's fixed 0.1 s sleep covered this; a few turns are
+    microseconds."""
+    for _ in range(SETTLE_TURNS):
+        await asyncio.sleep(0)
+
+
+async def handshakes() -> None:
+    """TLS connections accepted before the listeners closed, whose handshake is still under way,
+    are in no list yet (Draining.arriving): they are waited for, HANDSHAKE_WAIT at most, so
+    that their request is served rather than cut mid-handshake. A failed handshake leaves its
+    protocol to the collector; the bound covers one that has not been collected yet."""
+    deadline = time.monotonic() + HANDSHAKE_WAIT
+    while Draining.arriving and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
