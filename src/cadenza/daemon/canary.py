@@ -55,6 +55,12 @@ class CanaryRun:
     restore: Timer | None = None
     committing: bool = False    # promoted and all ready: MAINPID= goes out
 
+    def cancel(self, *, restore: bool = True) -> None:
+        """Its pending judgement (and the bound on growing back, with `restore`) will not fire."""
+        for timer in (self.timer, self.answer, self.restore if restore else None):
+            if timer is not None:
+                timer.cancel()
+
 
 def figures_of(gen) -> dict:
     responses = [0] * 5
@@ -255,9 +261,7 @@ class Canary:
 
     def _end_canary(self) -> CanaryRun:
         run, self.canary_run = self.canary_run, None
-        for timer in (run.timer, run.answer, run.restore):
-            if timer is not None:
-                timer.cancel()
+        run.cancel()
         return run
 
     def canary_describe(self) -> dict | None:

@@ -166,9 +166,7 @@ class Upgrades:
         run = self.canary_run
         if run is not None:
             run.judged = True    # N+1 is being stopped: no judgement (nor its reason) comes after this one
-            for timer in (run.timer, run.answer):
-                if timer is not None:
-                    timer.cancel()
+            run.cancel(restore=False)
             if self.state in (State.CANARY, State.PROMOTING, State.ROLLING_BACK):
                 self._grow_back(run)   # N+1 drains now: our own workers come back first
 

@@ -126,7 +126,8 @@ class Draining:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        Draining.arriving.add(self)
+        if self.config.is_ssl:   # without TLS, connection_made follows within the settle turns
+            Draining.arriving.add(self)
 
     # ---- engine-specific ------------------------------------------------------------------
 
