@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import os
 import tempfile
@@ -6,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cadenza import config, runtime
+from cadenza import config, records, runtime
 from cadenza.config import ConfigError, Readiness
 from cadenza.trust import config_problems
 
@@ -627,7 +626,7 @@ def test_http_defaults_are_those_documented():
         "protocol": "auto", "loop": "auto", "lifespan": "auto", "keepalive": 5, "access_log": False,
         "proxy_headers": True, "forwarded_allow_ips": ["127.0.0.1"], "root_path": "", "limit_concurrency": 0,
         "certfile": None, "keyfile": None, "wsgi_threads": 10}
-    assert [f.name for f in dataclasses.fields(config.HttpSection)] == HTTP_KEYS
+    assert list(records.fields(config.HttpSection)) == HTTP_KEYS
 
 
 def test_every_http_key_set():

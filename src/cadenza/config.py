@@ -8,12 +8,11 @@ Each problem names the file, the dotted key and what was expected.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
 import tomllib
-from dataclasses import dataclass, replace
+from .records import asdict, record, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ __all__ = ["Config", "ConfigError", "Readiness", "HttpSection", "DEFAULT_APP", "
 DEFAULT_APP = "cadenza.demo:app"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AppSection:
     name: str = "cadenza"
     root: Path | None = None
@@ -40,13 +39,13 @@ class AppSection:
     directory: Path | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ListenSection:
     addresses: tuple[str, ...] = ("127.0.0.1:8000",)
     from_flags: bool = False     # the addresses came from --bind (error messages name the flag)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkersSection:
     count: int = 2
     app: str | None = None
@@ -64,7 +63,7 @@ class WorkersSection:
     timeout: float = 0.0         # seconds a request may run (built-in worker); 0: off
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HttpSection:
     """[http], the built-in worker's HTTP settings. These defaults are the only ones: the worker
     uses them too when it runs without CADENZA_HTTP, and the fields are CADENZA_HTTP's keys."""
@@ -82,7 +81,7 @@ class HttpSection:
     wsgi_threads: int = 10                 # the WSGI thread pool of each worker
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UpgradeSection:
     timeout: float = 60.0
     canary: int = 0                   # workers the next generation starts with first; 0: no canary
@@ -91,13 +90,13 @@ class UpgradeSection:
     rollback_window: float = 0.0      # seconds a generation that handed over stays warm; 0: off
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MetricsSection:
     listen: str | None = None         # loopback host:port or unix:PATH; None: off
     multiprocess: bool = False        # own PROMETHEUS_MULTIPROC_DIR for the app's prometheus_client
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ControlSection:
     socket: Path | None = None
     allow_users: tuple[str, ...] = ()
@@ -105,7 +104,7 @@ class ControlSection:
     status_groups: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     app: AppSection
     listen: ListenSection
@@ -346,7 +345,7 @@ def http_environment(config: Config) -> dict[str, str]:
     (certfile/keyfile null when unset). Nothing for a workers.command program."""
     if not config.workers.app:
         return {}
-    values = dataclasses.asdict(config.http or HttpSection())
+    values = asdict(config.http or HttpSection())
     return {"CADENZA_HTTP": json.dumps(values, separators=(",", ":"))}
 
 

@@ -14,7 +14,7 @@ that does not parse is ignored, and the numbers are bounded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .records import record, field
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)   # prometheus_client's
@@ -27,7 +27,7 @@ def status_class(status: int) -> int:
     return status // 100 - 1 if 100 <= status <= 599 else 4
 
 
-@dataclass
+@record
 class Figures:
     requests: int = 0
     responses: list[int] = field(default_factory=lambda: [0] * len(CLASSES))

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import stat
-from dataclasses import dataclass
+from .records import record
 from pathlib import Path
 
 LISTEN_FDS_START = 3
@@ -27,7 +27,7 @@ class ListenerError(Exception):
     """A listener could not be adopted or bound; the message says which and why."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Address:
     family: int                  # AF_UNSPEC: `host` is a name, resolved when it is bound
     host: str = ""
@@ -43,7 +43,7 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
-@dataclass
+@record
 class Listener:
     sock: socket.socket
     name: str

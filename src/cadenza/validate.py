@@ -10,7 +10,7 @@ import keyword
 import os
 import re
 import socket
-from dataclasses import dataclass
+from .records import record
 from typing import Any, Callable
 from pathlib import Path
 
@@ -37,7 +37,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Readiness:
     kind: str
     seconds: float = 0.0

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from ..records import record
 
 from .loop import Timer
 from .policy import Event, State
@@ -40,7 +40,7 @@ CANARY_ENV = "CADENZA_CANARY"
 CRASHES = ("exit", "signal", "watchdog")
 
 
-@dataclass
+@record
 class CanaryRun:
     generation: int
     pid: int

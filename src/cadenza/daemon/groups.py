@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from ..records import record, field
 from typing import Callable, Container
 
 from ..notify import command_line
@@ -109,7 +109,7 @@ def signal_tree(root: int, sig: int) -> None:
         signal_group(pgid, sig)
 
 
-@dataclass
+@record
 class _Group:
     pgid: int
     what: str                                          # "worker 2 (pid 123)"

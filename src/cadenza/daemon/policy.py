@@ -30,7 +30,7 @@ guard elsewhere can forget a state (s6-supervise's `actions[state][event]`).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from ..records import record
 
 
 class State(enum.Enum):
@@ -100,13 +100,13 @@ class Event(enum.Enum):
 REQUESTS = (Event.STOP, Event.STOP_NOW, Event.UPGRADE, Event.RESTART, Event.GROW, Event.SHRINK, Event.ROLLBACK)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Refuse:
     """The event is refused in this state; `why` completes "generation G is STATE, ..."."""
     why: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ignore:
     """Nothing to do, by design (a late timer, a duplicate notice); `why` is logged at debug."""
     why: str

@@ -27,7 +27,7 @@ import random
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from ..records import record, field
 from typing import Callable
 
 from ..exitcodes import WORKER_APP_ERROR
@@ -49,7 +49,7 @@ def backoff_delay(failures: int) -> float:
     return min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_CAP) if failures > 0 else 0.0
 
 
-@dataclass
+@record
 class Worker:
     id: int
     pid: int
@@ -73,7 +73,7 @@ class Worker:
         return (now or time.monotonic()) - self.started
 
 
-@dataclass
+@record
 class Slot:
     """One place for a worker: its process and, during a rolling restart, the next one."""
     id: int
@@ -87,7 +87,7 @@ class Slot:
     last_restart: dict | None = None    # {"cause", "detail"} of its latest new worker (recycle.py)
 
 
-@dataclass
+@record
 class Spec:
     """How this generation starts a worker."""
     argv: list[str]

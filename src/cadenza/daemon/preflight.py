@@ -8,7 +8,7 @@ the check (or of any symlink or directory on its way) cannot change what runs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from ..records import record
 
 from .. import config as C
 from ..trust import Untrusted, config_problems, open_trusted
@@ -21,7 +21,7 @@ class UpgradeRefused(Exception):
     """The pre-flight failed: nothing was started, the running generation keeps serving."""
 
 
-@dataclass
+@record
 class Plan:
     exec_fd: int            # O_PATH fd of the checked launcher; the succession closes it
     exec_path: str          # its real path, for messages

@@ -40,7 +40,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from ..records import record
 from typing import TYPE_CHECKING
 
 from ..signals import STACK_DUMP
@@ -60,7 +60,7 @@ MB = 1024 * 1024
 MAX_TEXT = 200          # of a worker's CADENZA_TIMEOUT= text
 
 
-@dataclass
+@record
 class Replacement:
     slot: int
     cause: str                  # "restart" for a rolling restart's own entry, else a recycle's

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from ..records import record, field
 from typing import Callable
 
 from . import handoff
@@ -45,7 +45,7 @@ class Stage(enum.Enum):
     GONE = "gone"
 
 
-@dataclass
+@record
 class Outcome:
     ok: bool
     generation: int

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from ..records import record
 
 from .. import exitcodes
 from .handoff import Inheritance
@@ -39,7 +39,7 @@ log = logging.getLogger("cadenza.master")
 WARM_NOTICE_WAIT = 10.0   # seconds the "warm" notice waits for the multiprocess merges of our last workers
 
 
-@dataclass
+@record
 class WarmPredecessor:
     generation: int
     release: str

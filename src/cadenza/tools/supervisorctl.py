@@ -7,7 +7,7 @@ still serving); 2 usage or config error; 3 cannot reach the master; 4 permission
 from __future__ import annotations
 
 # Only what every command needs: `systemctl reload` waits for this program's start-up, so the
-# config (tomllib, dataclasses, pathlib) is imported only when no -s, -u or
+# config (tomllib, pathlib) is imported only when no -s, -u or
 # $CADENZA_CONTROL_SOCKET names the socket, and doctor's and status's helpers when asked.
 import argparse
 import json
