@@ -151,9 +151,14 @@ class Master:
                     pass
             os.killpg(self.pid, signal.SIGKILL)
             self.proc.wait()
-        self.inbox.shutdown(socket.SHUT_RDWR) if False else None
         self.inbox.close()
         self._log.close()
+        # Every test of a master also checks that no process of it hit the error guard (the
+        # loop's, the control server's, boot's), which would otherwise only be logged.
+        text = self.log_path.read_text(errors="replace")
+        if "please report" in text:
+            at = text.index("please report")
+            raise AssertionError(f"the master logged an internal error:\n{text[max(0, at - 300):at + 3000]}")
 
 
 def children(pid: int) -> list[int]:

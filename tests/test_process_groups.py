@@ -6,6 +6,7 @@ readiness counts from a worker's descendants, as root and as another user (the r
 systemd-notify), and from nothing else."""
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from handover_fixtures import poll
-from procs import VENV_BIN, Master, alive, children, free_port, get
+from procs import VENV_BIN, Master, accepted, alive, children, cmdline, free_port, get
 
 PROGRAMS = Path(__file__).parent / "programs"
 HTTPWORKER = PROGRAMS / "httpworker.py"
@@ -268,3 +269,54 @@ def test_a_group_that_cannot_be_ended_is_given_up_on_not_waited_for(monkeypatch)
     assert alive_after
     assert "cannot send SIGTERM to pid" in lines, lines
     assert f"did not end 0.2s after SIGKILL: pid {victim.pid} (sleep 600); not waiting for it" in lines, lines
+
+
+# ---- (d) the master's own signals, sent to every process of the unit -------------------------
+
+def _state(pid: int) -> str:
+    """The process's state letter (T: stopped), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["exec", "preload"])
+def test_the_master_s_signals_sent_to_the_whole_unit_move_only_the_master(start, preload):
+    # `systemctl kill -s TTIN APP` signals every process of the unit: the built-in workers and
+    # the preloader must neither stop (TTIN/TTOU's default) nor die (HUP's, USR1's, USR2's).
+    m = start(f'count = 2\napp = "cadenza.demo:app"\npreload = {"true" if preload else "false"}\n'
+              'graceful_timeout = 10\n')
+    m.wait_status("2/2 workers ready")
+    first = descendants(m.pid)
+    assert len(first) == (3 if preload else 2), first
+
+    def to_the_unit(sig: int) -> None:
+        for pid in [m.pid, *descendants(m.pid)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    to_the_unit(signal.SIGUSR1)          # means nothing to cadenza
+    to_the_unit(signal.SIGTTIN)          # one worker more
+    m.wait_status("3/3 workers ready")
+    states = {pid: _state(pid) for pid in first}
+    assert all(state in ("S", "R") for state in states.values()), states    # T: stopped
+    assert set(first) < set(descendants(m.pid))
+    to_the_unit(signal.SIGTTOU)          # one fewer
+    m.wait_status("2/2 workers ready")
+    assert "T" not in {_state(pid) for pid in descendants(m.pid)}
+    # HUP: the master's rolling restart, make-before-break: a request in flight is answered.
+    conn = http.client.HTTPConnection("127.0.0.1", m.port, timeout=20)
+    conn.request("GET", "/slow?s=2")
+    poll(lambda: accepted(m.port, conn.sock.getsockname()[1]), timeout=10, what="the slow request accepted")
+    to_the_unit(signal.SIGHUP)
+    m.wait_status("rolling restart")
+    resp = conn.getresponse()
+    assert resp.status == 200 and "hello from cadenza worker" in resp.read().decode()
+    m.wait_for(lambda msg: msg.get("STATUS", "").endswith("2/2 workers ready"), timeout=30)
+    assert m.proc.poll() is None and get(m.port)[0] == 200
+    old_workers = {pid for pid in first if "worker" in cmdline(pid)}
+    poll(lambda: not old_workers & set(descendants(m.pid)), timeout=15, what="every old worker replaced")
+    assert "killed by" not in m.log(), m.log()[-3000:]

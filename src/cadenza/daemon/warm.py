@@ -104,8 +104,8 @@ class Warm:
         if self.state is State.WARM and not self.said_warm:
             self.said_warm = True
             self.inherited.say(f"warm {window:g} {self.release}")
-        log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
-                 self.number, window, succession.generation)
+            log.info("generation %d is warm for a rollback for %gs (upgrade.rollback_window); generation %d serves",
+                     self.number, window, self.predecessor_number)
 
     def _drop_inherited(self) -> None:
         old = self.inherited

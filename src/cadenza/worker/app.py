@@ -41,7 +41,7 @@ from ..config import HttpSection
 from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
-from ..signals import STACK_DUMP
+from ..signals import STACK_DUMP, ignore_master_signals
 from .drain import Draining, handshakes, settle
 from .h11_protocol import DrainingH11Protocol
 from .loading import is_asgi, load_app
@@ -256,6 +256,7 @@ def engine(settings: HttpSection) -> tuple[type, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ignore_master_signals()
     worker_id = os.environ.get("CADENZA_WORKER_ID", "?")
     generation = os.environ.get("CADENZA_GENERATION", "?")
     name = os.environ.get("CADENZA_APP_NAME", "cadenza")

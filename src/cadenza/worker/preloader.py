@@ -36,6 +36,7 @@ from ..exiting import exit_now
 from ..exitcodes import USAGE, WORKER_APP_ERROR
 from ..listeners import ListenerError, adopt_from_env
 from ..notify import Notifier
+from ..signals import ignore_master_signals
 from . import app as worker_app
 from .loading import load_app
 
@@ -43,13 +44,13 @@ log = logging.getLogger("cadenza.preloader")
 
 MAX_REQUEST = 1 << 20
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
-                  signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
-                  signal.SIGCHLD)
+# What a fork sets back to the default; signals.MASTER_ONLY stay ignored (main()).
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ignore_master_signals()
     generation = os.environ.get("CADENZA_GENERATION", "?")
     name = os.environ.get("CADENZA_APP_NAME", "cadenza")
     logs.setup("preloader")
