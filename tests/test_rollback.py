@@ -83,7 +83,7 @@ def test_the_window_expires_and_then_a_rollback_is_refused(warm_site):
     assert upgrade_to(site, "r2", window=1).returncode == 0
     wait(lambda: not alive(m.pid), timeout=10, what="the warm generation gone at the window's end")
     assert m.wait_exit(timeout=5) == 0
-    assert "leaves: its rollback window is over" in m.log()
+    assert "generation 1 leaves: its rollback window is over" in m.log()
     back = site.ctl("rollback")
     assert back.returncode == 1 and "no generation is warm" in back.stderr, back.stderr
     assert status(site)["generation"] == 2
@@ -111,6 +111,33 @@ def test_a_new_upgrade_ends_the_warm_generation_first(warm_site):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # When the reload returns, nothing of generation 1 runs, and generation 2 is the warm one.
     assert not alive(m.pid)
+    st = status(site)
+    assert st["generation"] == 3 and st["warm"]["generation"] == 2 and alive(second)
+
+
+def test_a_reload_returns_only_once_the_warm_generation_it_told_to_leave_has_gone(warm_site):
+    site = warm_site
+    m = start(site)
+    assert upgrade_to(site, "r2").returncode == 0
+    second = status(site)["pid"]
+    m.signal(signal.SIGSTOP)          # a warm generation slow to go (its preloader stuck, say)
+    try:
+        make(site, "r3")
+        site.switch("r3")
+        done: dict = {}
+        upgrading = threading.Thread(target=lambda: done.update(proc=site.ctl("upgrade", timeout=60)))
+        upgrading.start()
+        wait(lambda: status(site)["generation"] == 3 and not children(second), timeout=30,
+             what="generation 3 main and generation 2 drained")
+        # Pruning r1 right after the reload must be safe: generation 1 still runs, so no answer yet.
+        upgrading.join(1.0)
+        assert upgrading.is_alive(), done["proc"].stdout + done["proc"].stderr
+    finally:
+        m.signal(signal.SIGCONT)
+    upgrading.join(60)
+    assert done["proc"].returncode == 0, done["proc"].stdout + done["proc"].stderr
+    assert not alive(m.pid)
+    assert "generation 1 leaves: the main generation told it to leave (an upgrade starts)" in m.log()
     st = status(site)
     assert st["generation"] == 3 and st["warm"]["generation"] == 2 and alive(second)
 
@@ -198,7 +225,7 @@ def test_a_killed_main_master_ends_its_warm_predecessor_too(warm_site):
     os.kill(status(site)["pid"], signal.SIGKILL)
     # Nothing of generation 1 may serve alone from an old release: under systemd the unit restarts.
     assert m.wait_exit(timeout=20) == 0
-    assert "leaves: its rollback window is over" in m.log()
+    assert "generation 1 leaves: the main generation has gone" in m.log()
 
 
 def test_a_second_rollback_while_one_runs_is_refused(warm_site):

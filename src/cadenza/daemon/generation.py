@@ -349,6 +349,8 @@ class Generation(Upgrades, Takeover, Metrics, Canary, Warm):
     def _maybe_exit(self) -> None:
         if self.state not in (State.STOPPING, State.LEAVING) or self.pool.pids():
             return
+        if self.state is State.LEAVING and self.warm is not None and self.inherited.predecessor_fd is not None:
+            return   # the warm one this upgrade told to leave still runs: the answer waits for it
         if self.state is State.LEAVING and self.can_go_warm():
             self._go_warm()
             return

@@ -37,16 +37,16 @@ class Takeover:
             if notice is None:
                 log.error("internal error: unknown line %r from the previous generation", line[:80])
             else:
-                self.handle(notice, source="the previous generation")
+                self.handle(notice, source="the previous generation", why="the main generation stops")
         if gone and not channel.closed:
             self.loop.remove(channel)
             channel.close()
-            self.handle(Event.PREDECESSOR_GONE)
+            self.handle(Event.PREDECESSOR_GONE, why="the main generation has gone")
 
     def _on_predecessor_exit(self) -> None:
         self.loop.remove(self.inherited.predecessor_fd)
         self.inherited.close_predecessor()
-        self.handle(Event.PREDECESSOR_GONE)
+        self.handle(Event.PREDECESSOR_GONE, why="the main generation has gone")
 
     def on_appointed(self, **_) -> None:
         self.state = State.APPOINTED
@@ -88,7 +88,7 @@ class Takeover:
             self.warm = None
         if self.multiproc is not None:
             gone = self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number
-            if self.state.main:
+            if self.state.main or self.state is State.LEAVING:   # leaving: our successor folds ours
                 self.multiproc.fold_from(gone)
             elif self.state is State.STOPPING:   # a warm one, told to leave by our stop
                 self.multiproc.discard(gone)

@@ -93,7 +93,8 @@ class Warm:
         # directory are the main generation's: whatever ends us (the window, a stop, a rollback
         # that fails) must leave them (boot._cleanup).
         self.left_warm = True
-        self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED))
+        self.warm_timer = self.loop.after(window, lambda: self.handle(Event.WARM_EXPIRED,
+                                                                      why="its rollback window is over"))
         # N+1 folds our multiprocess directory once told: our last workers' merges go first
         # (for WARM_NOTICE_WAIT at most: a tool that cannot even be started must not hide us).
         self.wait_until(lambda: self.multiproc is None or not self.multiproc.busy() or self.state is not State.WARM,
@@ -121,12 +122,14 @@ class Warm:
 
     def on_dismiss_new_warm(self, **_) -> None:
         """We stop while our predecessor drains, and it went warm meanwhile: it leaves too."""
-        self.inherited.say("expire")
+        self.inherited.say("expire the service stops")
 
-    def on_warm_expired(self, **_) -> None:
+    def on_warm_expired(self, why: str = "", text: str = "", **_) -> None:
+        """The window's end, or the main generation's word ("expire WHY"), stop or death."""
         if self.warm_timer is not None:
             self.warm_timer.cancel()
-        log.info("generation %d leaves: its rollback window is over", self.number)
+        log.info("generation %d leaves: %s", self.number,
+                 why or f"the main generation told it to leave ({text or 'no reason given'})")
         self.left_warm = True
         self._stop(exitcodes.OK)
 
@@ -178,7 +181,7 @@ class Warm:
         if self.warm is not None and self.inherited.channel is not None and not self.warm.leaving:
             log.info("generation %d (warm) is told to leave: %s", self.warm.generation, why)
             self.warm.leaving = why
-            self.inherited.say("expire")
+            self.inherited.say(f"expire {why}")
 
     def on_start_rollback(self, source: str = "", watcher=None, **_) -> None:
         warm = self.warm
