@@ -142,6 +142,38 @@ def test_a_reload_returns_only_once_the_warm_generation_it_told_to_leave_has_gon
     assert st["generation"] == 3 and st["warm"]["generation"] == 2 and alive(second)
 
 
+@pytest.mark.parametrize("fault", ["stuck worker", "preloader killed"])
+def test_a_generation_that_lost_its_preloader_while_it_drained_can_still_be_rolled_back_to(warm_site, fault):
+    # With preload, a warm generation keeps its preloader. A worker stuck past graceful_timeout
+    # must cost it only that worker, and a preloader lost while it drained is started again.
+    site = warm_site
+    rel = make(site, "r1", preload=True)
+    config = rel / "cadenza.toml"
+    config.write_text(config.read_text().replace("graceful_timeout = 5", "graceful_timeout = 2", 1))
+    m = site.serve("r1")
+    preloader = children(m.pid)[0]
+    stuck = children(preloader)[0]
+    os.kill(stuck, signal.SIGSTOP)        # a worker whose loop hangs: only the SIGKILL ends it
+    make(site, "r2", preload=True)
+    site.switch("r2")
+    done: dict = {}
+    upgrading = threading.Thread(target=lambda: done.update(proc=site.ctl("upgrade", timeout=60)))
+    upgrading.start()
+    wait(lambda: status(site)["generation"] == 2, timeout=30, what="generation 2 main, generation 1 draining")
+    if fault == "preloader killed":
+        os.kill(preloader, signal.SIGKILL)
+    upgrading.join(60)
+    assert done["proc"].returncode == 0 and "warm for a rollback" in done["proc"].stdout, done["proc"].stderr
+    assert not alive(stuck)
+    assert alive(preloader) == (fault == "stuck worker"), m.log()[-3000:]
+    back = site.ctl("rollback")
+    assert back.returncode == 0, back.stdout + back.stderr + m.log()[-3000:]
+    st = status(site)
+    assert st["generation"] == 1 and st["pid"] == m.pid and st["release"].endswith("/r1"), st
+    wait(lambda: len([p for p in children(children(m.pid)[0]) if "worker" in cmdline(p)]) == 2, timeout=15,
+         what="generation 1's two workers, forked by its preloader")
+
+
 def test_a_stop_ends_the_warm_generation_too(warm_site):
     site = warm_site
     m = start(site)

@@ -368,7 +368,8 @@ class Pool:
                         self.spec.graceful_timeout)
             self._kill(worker)
         self.leftovers.kill_all()
-        self.starter.kill()
+        if not self.starter_kept:     # a warm generation's preloader is not a straggler
+            self.starter.kill()
 
     def _cancel_kill(self) -> None:
         if self._kill_timer is not None:

@@ -143,6 +143,11 @@ class Warm:
             self.multiproc.remake()
         pool.draining = pool.starter_kept = False
         pool._cancel_kill()
+        if self.preloader is not None and self.preloader.pid is None:
+            # It died while this generation drained: the slots below wait for a new one.
+            log.warning("rollback: generation %d's preloader has gone; a new one is started", self.number)
+            self.preloader.stopping = False
+            self.preloader.start()
         for slot in pool.slots.values():      # a drained slot still names its last worker
             slot.incoming = None
             slot.worker = pool._spawn(slot)
