@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import VENV_BIN, Master, alive, free_port, get
+from procs import VENV_BIN, Master, alive, cmdline, free_port, get
 
 from cadenza.supervisorctl import main as supervisorctl_main   # imported before any setuid()
 
@@ -107,11 +107,34 @@ def ctl_as_nobody(*args: str) -> tuple[int, str]:
 
 @pytest.fixture
 def app(tmp_path):
+    yield from _served(tmp_path)
+
+
+# Worker 3 cannot load it, nor can anyone once a file `gate` is beside it.
+FLAKY = """import os
+if os.environ.get("CADENZA_WORKER_ID") == "3" or os.path.exists(os.path.join(os.path.dirname(__file__), "gate")):
+    raise RuntimeError("this process cannot load the app")
+from cadenza.demo import app
+"""
+
+
+@pytest.fixture
+def flaky_app(tmp_path, request):
+    """r1 serves FLAKY (with preload if the test is parametrized so), ready_timeout 2, graceful_timeout 1."""
+    yield from _served(tmp_path, flaky=True, preload=getattr(request, "param", False))
+
+
+def _served(tmp_path, flaky: bool = False, preload: bool = False):
     # The control socket lives where another user can reach it, so that SO_PEERCRED decides.
     socket_dir = Path(tempfile.mkdtemp(prefix="cadenza-ctl-", dir="/var/tmp"))
     os.chmod(socket_dir, 0o755)
     root = Root(tmp_path, free_port(), socket_dir)
-    root.release("r1")
+    rel = root.release("r1", app="flaky:app" if flaky else "cadenza.demo:app")
+    if flaky:
+        (rel / "flaky.py").write_text(FLAKY)
+        config = rel / "cadenza.toml"
+        short = f"ready_timeout = 2\ngraceful_timeout = 1\npreload = {str(preload).lower()}\n"
+        config.write_text(config.read_text().replace("ready_timeout = 10\ngraceful_timeout = 5\n", short))
     root.switch("r1")
     root.pin()
     m = Master(tmp_path, cwd=root.path / "current")
@@ -211,6 +234,33 @@ def test_restart_scale_stop_wait_and_report(app):
     assert m.wait_exit() == 0
     assert not root.socket.exists()
     assert root.ctl("status").returncode == 3
+
+
+def test_a_scale_whose_new_worker_cannot_start_answers_within_its_bound(flaky_app):
+    root, m = flaky_app
+    began = time.monotonic()
+    proc = root.ctl("scale", "3")
+    took = time.monotonic() - began
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2/3 workers ready after 3s; the master goes on starting them; worker 3 exited with status 3" \
+        in proc.stderr, proc.stderr
+    assert took < 10, took
+    assert status(root)["target_workers"] == 3 and m.proc.poll() is None
+
+
+@pytest.mark.parametrize("flaky_app", [True], indirect=True, ids=["preload"])
+def test_a_restart_while_the_preloader_cannot_come_back_answers_within_its_bound(flaky_app):
+    root, m = flaky_app
+    (root.path / "current" / "gate").write_text("")
+    preloader = next(p for p in m.workers() if "preloader" in cmdline(p))
+    os.kill(preloader, signal.SIGKILL)
+    m.wait_log("this process cannot load the app")       # the new preloader's import fails
+    proc = root.ctl("restart", timeout=30)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "0/2 worker(s) replaced after 5s; the rolling restart goes on; the preloader is down" in proc.stderr, \
+        proc.stderr
+    (root.path / "current" / "gate").unlink()              # the old workers served all along
+    assert get(root.port)[0] == 200
 
 
 def test_other_users_are_denied_and_logged(app):

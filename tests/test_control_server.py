@@ -243,6 +243,26 @@ def test_half_closed_and_closed_clients_cost_no_cpu_and_get_their_answer(serve):
     half.close()
 
 
+def test_clients_that_hung_up_while_their_command_ran_give_their_slots_to_the_next(serve):
+    # Operators who gave up on a command that had not answered (Ctrl-C, `timeout 5 supervisorctl`)
+    # must not fill the slots kept for the next reload; a half-closed one still waits for its answer.
+    h = serve()
+    half = connect(h.path)
+    half.sendall(b'{"cmd": "upgrade"}\n')
+    half.shutdown(socket.SHUT_WR)
+    waiting = h.next_started()
+    for _ in range(S.MAX_CLIENTS - 1):
+        with connect(h.path) as gone:
+            gone.sendall(b'{"cmd": "restart"}\n')
+            h.next_started()
+    assert h.lt.call(lambda: h.server.count(S.FULL)) == S.MAX_CLIENTS    # nothing woke the loop for them
+    assert ask(h.path, b'{"cmd": "status"}\n')[-1]["code"] == OK
+    assert h.lt.call(lambda: h.server.count(S.FULL)) == 1
+    h.lt.call(lambda: waiting.finish(OK, "upgraded"))
+    assert read_all(half)[-1]["code"] == OK
+    half.close()
+
+
 @as_root
 def test_unauthorised_peers_are_denied_at_once_and_hold_no_slot(serve):
     h = serve()

@@ -80,13 +80,22 @@ def restart(gen, client, request: dict) -> None:
     client.send({"event": "progress", "text": f"rolling restart of {len(before)} worker(s)"})
     old = set(before.values())
 
-    def report() -> None:
+    def replaced() -> int:
         slots = gen.pool.slots
-        replaced = sum(1 for sid, pid in before.items()
-                       if sid in slots and slots[sid].worker and slots[sid].worker.pid != pid)
-        client.finish(P.OK if replaced == len(before) else P.FAILED, f"{replaced}/{len(before)} worker(s) replaced")
+        return sum(1 for sid, pid in before.items()
+                   if sid in slots and slots[sid].worker and slots[sid].worker.pid != pid)
+
+    def report() -> None:
+        done_ = replaced()
+        client.finish(P.OK if done_ == len(before) else P.FAILED, f"{done_}/{len(before)} worker(s) replaced")
+
+    workers = gen.config.workers
+    bound = workers.ready_timeout * max(1, len(before)) + workers.graceful_timeout
     # Done when the rolling restart is over and the old workers have finished draining.
-    gen.wait_until(lambda: not gen.state.main or (not gen.pool.recycler.rolling() and not old & gen.pool.pids()), report)
+    over = lambda: not gen.state.main or (not gen.pool.recycler.rolling() and not old & gen.pool.pids())  # noqa: E731
+    _answer_within(gen, client, bound, over, report,
+                   lambda: client.finish(P.FAILED, f"{replaced()}/{len(before)} worker(s) replaced after {bound:g}s; "
+                                         f"the rolling restart goes on{_why_not_ready(gen)}"))
 
 
 def scale(gen, client, request: dict) -> None:
@@ -111,8 +120,32 @@ def scale(gen, client, request: dict) -> None:
     def settled() -> bool:
         pool = gen.pool
         return not gen.state.main or (pool.ready_count() == len(pool.slots) and len(pool.workers) == len(pool.slots))
-    gen.wait_until(settled, lambda: client.finish(
-        P.OK if gen.pool.ready_count() == target else P.FAILED, f"{gen.pool.ready_count()}/{target} workers ready"))
+    bound = gen.config.workers.ready_timeout + gen.config.workers.graceful_timeout
+    _answer_within(gen, client, bound, settled, lambda: client.finish(
+        P.OK if gen.pool.ready_count() == target else P.FAILED, f"{gen.pool.ready_count()}/{target} workers ready"),
+        lambda: client.finish(P.FAILED, f"{gen.pool.ready_count()}/{target} workers ready after {bound:g}s; the master "
+                                        f"goes on starting them{_why_not_ready(gen)}"))
+
+
+def _answer_within(gen, client, seconds: float, done, answer, late) -> None:
+    """answer() once done() holds; late() instead if it has not after `seconds` (the work goes
+    on, the caller is told where it stands); nothing for a client that has gone."""
+    timer = gen.loop.after(seconds, lambda: None if client.closing or client.closed else late())
+
+    def then() -> None:
+        timer.cancel()
+        if not (client.closing or client.closed):
+            answer()
+    gen.wait_until(lambda: client.closing or client.closed or done(), then)
+
+
+def _why_not_ready(gen) -> str:
+    deaths = [s.last_death for s in gen.pool.slots.values()
+              if s.last_death and (s.worker is None or s.worker.state != "ready")]
+    if gen.preloader is not None and not gen.preloader.ready:
+        failure = gen.preloader.failure
+        deaths.insert(0, f"the preloader is down ({failure})" if failure else "the preloader is not ready")
+    return f"; {deaths[0]}" if deaths else ""
 
 
 def stop(gen, client, request: dict) -> None:

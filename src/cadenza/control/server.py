@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import selectors
 import socket
 import time
@@ -250,12 +251,30 @@ class ControlServer:
             return
         cap = MAX_CLIENTS if rank == FULL else MAX_READERS
         if self.count(rank) >= cap:
+            self._reclaim(rank)
+        if self.count(rank) >= cap:
             self._log_refusal("control: %d %s connections open already; refused pid %d uid %d",
                               cap, rank, pid, uid)
             _answer_and_close(conn, UNREACHABLE, f"the master has {cap} {rank} control connections "
                               "open already; retry once they are done")
             return
         self.clients.add(Client(self, conn, pid, uid, rank))
+
+    def _reclaim(self, rank: str) -> None:
+        """Free the slots of clients that hung up while their command runs (an operator's Ctrl-C):
+        their sockets are not watched for reads, so only a look now tells. POLLHUP is a full
+        close; a half-close (the peer still reads its answer) keeps its slot."""
+        poller = select.poll()
+        waiting = {c.sock.fileno(): c for c in self.clients
+                   if c.rank == rank and c.request is not None and not c.closed}
+        for fd in waiting:
+            poller.register(fd, 0)       # POLLHUP and POLLERR are reported whatever is asked
+        for fd, events in poller.poll(0):
+            if events & (select.POLLHUP | select.POLLERR):
+                client = waiting[fd]
+                log.info("control: %s hung up before its %s was answered; its slot is free",
+                         client.describe(), (client.request or {}).get("cmd", "request"))
+                client.close()
 
     def _log_refusal(self, *args) -> None:
         """Every refusal is logged: one by one up to a burst per window, then as a count."""
