@@ -54,7 +54,6 @@ def _make(cls: type, frozen: bool) -> type:
             delattr(cls, name)    # an instance always has its own; the class keeps no factory
     cls._record_fields = names
     cls._record_defaults = defaults
-    cls._record_frozen = frozen
     cls.__init__ = _init
     cls.__repr__ = _repr
     cls.__eq__ = _eq
