@@ -320,3 +320,18 @@ def test_the_master_s_signals_sent_to_the_whole_unit_move_only_the_master(start,
     old_workers = {pid for pid in first if "worker" in cmdline(pid)}
     poll(lambda: not old_workers & set(descendants(m.pid)), timeout=15, what="every old worker replaced")
     assert "killed by" not in m.log(), m.log()[-3000:]
+
+
+def test_a_worker_still_starting_ignores_the_master_s_signals_too(start):
+    # Before the worker's own code runs (the interpreter's start, the imports), a HUP or USR1 of
+    # `systemctl kill` must find the master's SIG_IGN, which survives exec.
+    m = start('count = 1\napp = "cadenza.demo:app"\n')
+    m.wait_status("1/1 workers ready")
+    first = set(children(m.pid))
+    m.signal(signal.SIGTTIN)
+    new = poll(lambda: set(children(m.pid)) - first, timeout=10, what="the new worker forked")
+    for pid in new:
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(pid, sig)
+    m.wait_status("2/2 workers ready")
+    assert new <= set(children(m.pid)) and "killed by" not in m.log(), m.log()[-3000:]

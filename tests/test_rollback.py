@@ -142,6 +142,25 @@ def test_a_reload_returns_only_once_the_warm_generation_it_told_to_leave_has_gon
     assert st["generation"] == 3 and st["warm"]["generation"] == 2 and alive(second)
 
 
+def test_a_warm_generation_that_hangs_when_told_to_leave_is_killed_after_its_bound(warm_site):
+    # graceful_timeout (1 s here) + LEAVE_MARGIN: the reload waits that long for it, no longer.
+    site = warm_site
+    m = start(site)
+    rel = make(site, "r2")
+    config = rel / "cadenza.toml"
+    config.write_text(config.read_text().replace("graceful_timeout = 5", "graceful_timeout = 1", 1))
+    site.switch("r2")
+    assert site.ctl("upgrade").returncode == 0
+    second = status(site)["pid"]
+    m.signal(signal.SIGSTOP)          # hung for good: it will never read "expire"
+    proc = upgrade_to(site, "r3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert m.wait_exit(timeout=5) == -signal.SIGKILL
+    st = status(site)
+    assert st["generation"] == 3 and st["warm"]["generation"] == 2 and alive(second)
+    assert "was told to leave 6s ago and is still there; killing it" in m.log()
+
+
 @pytest.mark.parametrize("fault", ["stuck worker", "preloader killed"])
 def test_a_generation_that_lost_its_preloader_while_it_drained_can_still_be_rolled_back_to(warm_site, fault):
     # With preload, a warm generation keeps its preloader. A worker stuck past graceful_timeout

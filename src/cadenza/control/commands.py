@@ -60,8 +60,8 @@ def _watcher(gen, client, request: dict):
             # returned" must mean that nothing runs from the old release any more (DESIGN §1).
             # A generation that stays warm (warm.py) does not exit: done once it is warm, and once the
             # one that was warm before it (told to leave by this upgrade) has gone.
-            gen.wait_until(lambda: (gen.exit_code is not None or gen.said_warm and gen.state is State.WARM)
-                           and gen.warm is None, lambda: client.finish(
+            gen.wait_until(lambda: gen.exit_code is not None or (gen.said_warm and gen.state is State.WARM
+                                                                 and gen.warm is None), lambda: client.finish(
                 P.OK, f"generation {event['generation']} serves; generation {gen.number} drained"
                 + (" and is warm for a rollback" if gen.state is State.WARM else ""),
                 exiting=None if gen.state is State.WARM else os.getpid()))

@@ -95,7 +95,7 @@ class Preloader:
             pid = process.spawn(self.argv, worker_id=0, generation=spec.generation, app_name=spec.app_name,
                                 listeners=spec.listeners, notify_address=spec.notify_address,
                                 cwd=spec.release, extra_env=env, output_fd=spec.output_fd,
-                                extra_fds=(theirs.fileno(),))
+                                extra_fds=(theirs.fileno(),), ours=True)
         except OSError as exc:
             ours.close()
             self._start_failed(f"fork failed: {exc.strerror or exc}")

@@ -15,6 +15,7 @@ import sys
 
 from ..exitcodes import WORKER_APP_ERROR, WORKER_EXEC_FAILED
 from ..listeners import LISTEN_FDS_START, Listener
+from ..signals import MASTER_ONLY
 
 # Variables of the master's own that a worker must never see (DESIGN §4).
 PRIVATE_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
@@ -29,9 +30,12 @@ def builtin_argv(app: str) -> list[str]:
 
 def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
           listeners: list[Listener], notify_address: str, cwd: str,
-          extra_env: dict[str, str], output_fd: int | None = None, extra_fds: tuple[int, ...] = ()) -> int:
+          extra_env: dict[str, str], output_fd: int | None = None, extra_fds: tuple[int, ...] = (),
+          ours: bool = False) -> int:
     """fork + exec one worker (or a preloader); returns its pid. Exec failures show up as exit
-    status 127. `extra_fds` follow the listeners, at 3 + len(listeners) onwards."""
+    status 127. `extra_fds` follow the listeners, at 3 + len(listeners) onwards. `ours`: the
+    built-in worker or the preloader, which ignore signals.MASTER_ONLY from exec on (SIG_IGN
+    survives it), so that a `systemctl kill -s HUP` during their start-up cannot end them."""
     env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
     env.update(extra_env)
     env.update({
@@ -54,7 +58,7 @@ def spawn(argv: list[str], *, worker_id: int, generation: int, app_name: str,
             pass
         return pid
     try:
-        _become_worker(argv, env, fds, cwd, master, output_fd)
+        _become_worker(argv, env, fds, cwd, master, output_fd, ours)
     except BaseException as exc:  # noqa: BLE001 - in the child every error must end in _exit
         os.write(2, f"cadenza: cannot start worker {worker_id} ({argv[0]}): {exc}\n".encode())
     os._exit(127)
@@ -74,11 +78,11 @@ def fork() -> int:
 
 
 def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int,
-                   output_fd: int | None) -> None:
+                   output_fd: int | None, ours: bool) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
                 signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if ours and sig in MASTER_ONLY else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # A process group of its own: whatever the master sends it reaches what it starts too.
     os.setpgid(0, 0)
@@ -129,7 +133,7 @@ class ExecStarter:
         spec = self.spec
         return spawn(spec.argv, worker_id=worker_id, generation=spec.generation, app_name=spec.app_name,
                      listeners=spec.listeners, notify_address=spec.notify_address, cwd=spec.release,
-                     extra_env=extra_env, output_fd=spec.output_fd)
+                     extra_env=extra_env, output_fd=spec.output_fd, ours=spec.builtin)
 
     def watch(self, pid: int, on_exit) -> None:
         self.loop.watch_child(pid, on_exit)

@@ -88,9 +88,9 @@ class Takeover:
             self.warm = None
         if self.multiproc is not None:
             gone = self.inherited.predecessor if self.predecessor_number is None else self.predecessor_number
-            if self.state.main or self.state is State.LEAVING:   # leaving: our successor folds ours
+            if self.state.main or self.state in (State.COMMITTED, State.LEAVING):   # our successor folds ours
                 self.multiproc.fold_from(gone)
-            elif self.state is State.STOPPING:   # a warm one, told to leave by our stop
+            elif self.state is State.STOPPING and not self.left_warm:   # a warm one, told to leave by our stop
                 self.multiproc.discard(gone)
         if self.state is State.TAKING_OVER:
             log.info("the previous generation has gone: generation %d serves alone", self.number)

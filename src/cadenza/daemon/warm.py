@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
-from ..records import record
 
 from .. import exitcodes
+from ..records import record
 from .handoff import Inheritance
 from .loop import Timer
 from .policy import Event, State
@@ -37,6 +38,7 @@ from .succession import Succession
 log = logging.getLogger("cadenza.master")
 
 WARM_NOTICE_WAIT = 10.0   # seconds the "warm" notice waits for the multiprocess merges of our last workers
+LEAVE_MARGIN = 5.0        # beyond graceful_timeout, how long a warm generation told to leave may take
 
 
 @record
@@ -124,12 +126,15 @@ class Warm:
         """We stop while our predecessor drains, and it went warm meanwhile: it leaves too."""
         self.inherited.say("expire the service stops")
 
-    def on_warm_expired(self, why: str = "", text: str = "", **_) -> None:
-        """The window's end, or the main generation's word ("expire WHY"), stop or death."""
+    def on_warm_expired(self, why: str = "", text: str = "", source: str = "", **_) -> None:
+        """The window's end, the main generation's word ("expire WHY"), stop or death, or a stop
+        signal or command that reached this warm master itself."""
         if self.warm_timer is not None:
             self.warm_timer.cancel()
-        log.info("generation %d leaves: %s", self.number,
-                 why or f"the main generation told it to leave ({text or 'no reason given'})")
+        if not why:
+            why = f"a stop ({source})" if source else \
+                f"the main generation told it to leave ({text or 'no reason given'})"
+        log.info("generation %d leaves: %s", self.number, why)
         self.left_warm = True
         self._stop(exitcodes.OK)
 
@@ -187,6 +192,21 @@ class Warm:
             log.info("generation %d (warm) is told to leave: %s", self.warm.generation, why)
             self.warm.leaving = why
             self.inherited.say(f"expire {why}")
+            # Our upgrade's answer (and our own exit) waits for it: a warm master that hangs
+            # must not hold them, nor the next upgrade, for ever.
+            bound = self.config.workers.graceful_timeout + LEAVE_MARGIN
+            self.loop.after(bound, lambda: self._warm_overdue(bound))
+
+    def _warm_overdue(self, bound: float) -> None:
+        pidfd = self.inherited.predecessor_fd
+        if self.warm is None or not self.warm.leaving or pidfd is None:
+            return
+        log.warning("generation %d (warm) was told to leave %gs ago and is still there; killing it",
+                    self.warm.generation, bound)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)   # its pidfd: never another process
+        except OSError as exc:
+            log.warning("generation %d (warm) could not be killed: %s", self.warm.generation, exc)
 
     def on_start_rollback(self, source: str = "", watcher=None, **_) -> None:
         warm = self.warm
