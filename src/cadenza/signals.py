@@ -24,5 +24,7 @@ MASTER_ONLY = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, si
 
 
 def ignore_master_signals() -> None:
+    """The master's fork sets them so already (daemon/process.py); the worker's and the
+    preloader's main() say it again for a master that does not: an older one of a shared venv."""
     for sig in MASTER_ONLY:
         signal.signal(sig, signal.SIG_IGN)

@@ -80,9 +80,10 @@ def fork() -> int:
 def _become_worker(argv: list[str], env: dict[str, str], fds: list[int], cwd: str, master: int,
                    output_fd: int | None, ours: bool) -> None:
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT,
-                signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_IGN if ours and sig in MASTER_ONLY else signal.SIG_DFL)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in MASTER_ONLY:
+        signal.signal(sig, signal.SIG_IGN if ours else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # A process group of its own: whatever the master sends it reaches what it starts too.
     os.setpgid(0, 0)
